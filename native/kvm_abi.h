@@ -1,0 +1,144 @@
+/*
+ * kvm_abi.h - the uapi structs kvmfs emulates (x86-64), declared once for C.
+ *
+ * Fed to cffi's cdef (so it must stay plain C declarations: no macros with
+ * expressions, no includes) and included by the native sources.  Layouts are
+ * those of linux/kvm.h; kvmfs/abi.py declares the same structs for Python and
+ * tests/t0_abi.py checks the two against each other.
+ */
+
+struct kvm_regs {
+	uint64_t rax, rbx, rcx, rdx;
+	uint64_t rsi, rdi, rsp, rbp;
+	uint64_t r8, r9, r10, r11;
+	uint64_t r12, r13, r14, r15;
+	uint64_t rip, rflags;
+};
+
+struct kvm_segment {
+	uint64_t base;
+	uint32_t limit;
+	uint16_t selector;
+	uint8_t type;
+	uint8_t present, dpl, db, s, l, g, avl;
+	uint8_t unusable;
+	uint8_t padding;
+};
+
+struct kvm_dtable {
+	uint64_t base;
+	uint16_t limit;
+	uint16_t padding[3];
+};
+
+struct kvm_sregs {
+	struct kvm_segment cs, ds, es, fs, gs, ss;
+	struct kvm_segment tr, ldt;
+	struct kvm_dtable gdt, idt;
+	uint64_t cr0, cr2, cr3, cr4, cr8;
+	uint64_t efer;
+	uint64_t apic_base;
+	uint64_t interrupt_bitmap[4];
+};
+
+struct kvm_fpu {
+	uint8_t fpr[8][16];
+	uint16_t fcw;
+	uint16_t fsw;
+	uint8_t ftwx;
+	uint8_t pad1;
+	uint16_t last_opcode;
+	uint64_t last_ip;
+	uint64_t last_dp;
+	uint8_t xmm[16][16];
+	uint32_t mxcsr;
+	uint32_t pad2;
+};
+
+struct kvm_msr_entry {
+	uint32_t index;
+	uint32_t reserved;
+	uint64_t data;
+};
+
+struct kvm_cpuid_entry2 {
+	uint32_t function;
+	uint32_t index;
+	uint32_t flags;
+	uint32_t eax, ebx, ecx, edx;
+	uint32_t padding[3];
+};
+
+struct kvm_run_io {
+	uint8_t direction;
+	uint8_t size;
+	uint16_t port;
+	uint32_t count;
+	uint64_t data_offset;
+};
+
+struct kvm_run_mmio {
+	uint64_t phys_addr;
+	uint8_t data[8];
+	uint32_t len;
+	uint8_t is_write;
+};
+
+struct kvm_run_internal {
+	uint32_t suberror;
+	uint32_t ndata;
+	uint64_t data[16];
+};
+
+struct kvm_run_emulation_failure {
+	uint32_t suberror;
+	uint32_t ndata;
+	uint64_t flags;
+	uint8_t insn_size;
+	uint8_t insn_bytes[15];
+};
+
+struct kvm_run_fail_entry {
+	uint64_t hardware_entry_failure_reason;
+	uint32_t cpu;
+};
+
+struct kvm_run_debug {
+	uint32_t exception;
+	uint32_t pad;
+	uint64_t pc;
+	uint64_t dr6;
+	uint64_t dr7;
+};
+
+struct kvm_run_memory_fault {
+	uint64_t flags;
+	uint64_t gpa;
+	uint64_t size;
+};
+
+struct kvm_run {
+	uint8_t request_interrupt_window;
+	uint8_t immediate_exit;
+	uint8_t padding1[6];
+	uint32_t exit_reason;
+	uint8_t ready_for_interrupt_injection;
+	uint8_t if_flag;
+	uint16_t flags;
+	uint64_t cr8;
+	uint64_t apic_base;
+	union {
+		struct { uint64_t hardware_exit_reason; } hw;
+		struct kvm_run_fail_entry fail_entry;
+		struct kvm_run_io io;
+		struct kvm_run_debug debug;
+		struct kvm_run_mmio mmio;
+		struct kvm_run_internal internal;
+		struct kvm_run_emulation_failure emulation_failure;
+		struct kvm_run_memory_fault memory_fault;
+		char padding[256];
+	};
+	uint64_t kvm_valid_regs;
+	uint64_t kvm_dirty_regs;
+	char s[2048];
+};
