@@ -164,3 +164,8 @@ def real_kvm():
     if why:
         skip_or_fail("KVMFS_REQUIRE_KVM", why)
     return "/dev/kvm"
+
+
+# Tests import the package from this checkout (python -m pytest or plain pytest).
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
