@@ -14,21 +14,31 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UC = os.path.dirname(unicorn.__file__)
-HEADERS = ("kvm_abi.h", "kvmfs_native.h")
 
 
-def _cdef_text(path):
-    # cdef takes declarations only: drop comments and keep #define NAME <int>.
-    text = open(path).read()
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    return text
+def _strip_comments(text):
+    # cdef takes declarations only (and #define NAME <int>): drop the comments.
+    return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
 
 
-ffi = FFI()
-for _h in HEADERS:
-    ffi.cdef(_cdef_text(os.path.join(HERE, _h)))
+def _sections(text):
+    # kvmfs_native.h has one section per source file, opened by a "--- name.c --"
+    # banner; a section is declared only when its source is present, so each
+    # layer can be built and tested on its own while the next one is written.
+    parts = re.split(r"/\* -+ (\w+\.c) --", text)
+    yield None, parts[0]
+    for i in range(1, len(parts), 2):
+        yield parts[i], "/*" + parts[i + 1]   # the split cut the banner comment open
+
 
 _sources = sorted(glob.glob(os.path.join(HERE, "*.c")))
+_present = {os.path.basename(s) for s in _sources}
+
+ffi = FFI()
+ffi.cdef(_strip_comments(open(os.path.join(HERE, "kvm_abi.h")).read()))
+for _src, _text in _sections(open(os.path.join(HERE, "kvmfs_native.h")).read()):
+    if _src is None or _src in _present:
+        ffi.cdef(_strip_comments(_text))
 ffi.set_source(
     "kvmfs._kvmfs_native",
     '#include "kvmfs_internal.h"\n',

@@ -1,0 +1,50 @@
+# kvmfs: `make demo` and `make test` are all a newcomer types (see README.md).
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.kvmfs-installed
+NATIVE  := $(wildcard native/*.c native/*.h) native/build.py
+SO      := kvmfs/.native-built
+MNT     ?= mnt
+
+.PHONY: all demo test test-fast bench mount umount deps clean
+
+all: $(SO)
+
+# System packages (libfuse for fusepy, fuse3 for /dev/fuse tools, binutils for
+# the guests), then a venv with the package installed editable.
+$(STAMP): pyproject.toml setup.py
+	@tools/install-deps
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing kvmfs into $(VENV) ..."
+	@$(PY) -m pip install -q --upgrade pip setuptools wheel "cffi>=1.15" unicorn==2.1.4 fusepy==3.0.1 pytest
+	@$(PY) -m pip install -q --no-build-isolation -e .
+	@touch $@
+
+deps: $(STAMP)
+
+# The native module, rebuilt in place whenever a C source or header changes.
+$(SO): $(STAMP) $(NATIVE)
+	@$(PY) native/build.py
+	@touch $@
+
+demo: $(SO)
+	@$(PY) tools/demo.py
+
+test: $(SO)
+	@$(PY) -m pytest -q tests
+
+test-fast: $(SO)
+	@$(PY) -m pytest -q tests/t0_abi.py tests/t1_native_mmu.py tests/t2_vm.py tests/t3_vcpu.py
+
+bench: $(SO)
+	@$(PY) tools/bench.py
+
+mount: $(SO)
+	@mkdir -p $(MNT)
+	@$(VENV)/bin/kvmfs mount $(MNT) --log kvmfs.log
+
+umount:
+	@$(VENV)/bin/kvmfs umount $(MNT)
+
+clean:
+	rm -rf build kvmfs/_kvmfs_native.* kvmfs/*.so $(SO) *.egg-info

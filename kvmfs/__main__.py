@@ -1,0 +1,3 @@
+from kvmfs.cli import main
+
+raise SystemExit(main())

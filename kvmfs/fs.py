@@ -1,0 +1,475 @@
+"""The FUSE front-end: the mounted tree, open/read/write/ioctl, and the request loop.
+
+Owns: the path tree, open-file handles, the worker threads.  The only module
+that imports fuse; everything below it raises KvmError, turned into an errno
+reply here (and logged once: a warning for a malformed request, the traceback
+plus EIO for a bug).
+
+The tree (one directory per object; the ioctl endpoint of each has one name):
+    kvm                  system ioctls (the /dev/kvm analogue)
+    cmd                  system commands as text, one a line
+    vmN/ctl              VM ioctls          vmN/cmd   the same as text
+    vmN/vcpuK            vCPU ioctls        vmN/vcpuK.cmd
+    vmN/vcpuK.run        the kvm_run area (a link to a shared tmpfs file)
+    vmN/mem, vmN/as1/mem guest-physical memory, offset = gpa
+    vmN/info/...         read-only text views
+
+Request loop: libfuse2's high-level library decodes requests, but the threads
+that read /dev/fuse are Python threads started here, not libfuse's: a callback
+into Python from a thread Python already knows costs no thread-state set-up,
+which is what makes fusepy's own multi-threaded loop twice as slow as its
+single-threaded one.  A pool keeps at least one idle reader, so a long KVM_RUN
+never stalls other requests.
+"""
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+import traceback
+
+import fuse as fusepy
+
+from kvmfs import abi, commands, procmem, views
+from kvmfs.errors import KvmError
+
+log = logging.getLogger("kvmfs.fs")
+
+_lib = fusepy._libfuse
+_lib.fuse_setup.restype = ctypes.c_void_p
+_lib.fuse_setup.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p),
+                            ctypes.POINTER(fusepy.fuse_operations), ctypes.c_size_t,
+                            ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_int),
+                            ctypes.c_void_p]
+_lib.fuse_get_session.restype = ctypes.c_void_p
+_lib.fuse_get_session.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_next_chan.restype = ctypes.c_void_p
+_lib.fuse_session_next_chan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+_lib.fuse_chan_bufsize.restype = ctypes.c_size_t
+_lib.fuse_chan_bufsize.argtypes = [ctypes.c_void_p]
+_lib.fuse_chan_recv.restype = ctypes.c_int
+_lib.fuse_chan_recv.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t]
+_lib.fuse_session_process.restype = None
+_lib.fuse_session_process.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+_lib.fuse_session_exited.restype = ctypes.c_int
+_lib.fuse_session_exited.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_exit.restype = None
+_lib.fuse_session_exit.argtypes = [ctypes.c_void_p]
+_lib.fuse_teardown.restype = None
+_lib.fuse_teardown.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_get_context = _lib.fuse_get_context
+
+# Kinds of node
+DIR, SYSTEM, SYSCMD, VMCTL, VMCMD, VCPU, VCPUCMD, RUNLINK, MEM, VIEW = range(10)
+IOCTL_KINDS = (SYSTEM, VMCTL, VCPU)
+REF_KINDS = (VMCTL, VCPU)           # the files that stand for KVM's VM and vCPU fds
+
+
+class Ctx:
+    """Who is calling: the thread (FUSE gives a thread id) and its process."""
+    __slots__ = ("pid", "tgid", "uid")
+
+    def __init__(self):
+        c = _get_context().contents
+        self.pid = c.pid
+        self.uid = c.uid
+        self.tgid = procmem.tgid_of(c.pid) or c.pid
+
+
+class Node:
+    __slots__ = ("kind", "vm", "vcpu", "as_id", "view")
+
+    def __init__(self, kind, vm=None, vcpu=None, as_id=0, view=None):
+        self.kind, self.vm, self.vcpu, self.as_id, self.view = kind, vm, vcpu, as_id, view
+
+
+class Handle:
+    __slots__ = ("node", "obj", "ioctls", "unknown_errno", "vm", "reply", "text")
+
+    def __init__(self, node, obj):
+        self.node = node
+        self.obj = obj
+        self.vm = node.vm
+        self.ioctls = getattr(obj, "IOCTLS", None)
+        self.unknown_errno = getattr(obj, "UNKNOWN_IOCTL_ERRNO", errno.ENOTTY)
+        self.reply = None        # text-command answer waiting to be read
+        self.text = None         # a view's text, fixed at open so reads are consistent
+
+
+def _parse_id(name, prefix):
+    rest = name[len(prefix):]
+    if name.startswith(prefix) and rest.isdigit() and (rest == "0" or rest[0] != "0"):
+        return int(rest)
+    return None
+
+
+class KvmFs:
+    """The operations behind the mount (called from fuse_operations callbacks)."""
+
+    def __init__(self, system):
+        self.system = system
+        self.handles = {}
+        self.next_fh = 1
+        self.fh_lock = threading.Lock()
+        self.mount_time = time.time()
+        self.uid, self.gid = os.getuid(), os.getgid()
+
+    # --- the tree ---------------------------------------------------------------------
+    def resolve(self, path):
+        parts = [p for p in path.split("/") if p]
+        if not parts:
+            return Node(DIR)
+        if len(parts) == 1:
+            if parts[0] == "kvm":
+                return Node(SYSTEM)
+            if parts[0] == "cmd":
+                return Node(SYSCMD)
+            if parts[0] == "info":
+                return Node(DIR, view="system")
+        if parts[0] == "info" and len(parts) == 2 and parts[1] in views.SYSTEM_VIEWS:
+            return Node(VIEW, view=parts[1])
+        vm_id = _parse_id(parts[0], "vm")
+        if vm_id is None:
+            return None
+        vm = self.system.vms.get(vm_id)
+        if vm is None or vm.dead:
+            return None
+        if len(parts) == 1:
+            return Node(DIR, vm)
+        name = parts[1]
+        if len(parts) == 2:
+            if name == "ctl":
+                return Node(VMCTL, vm)
+            if name == "cmd":
+                return Node(VMCMD, vm)
+            if name == "mem":
+                return Node(MEM, vm, as_id=0)
+            if name in ("as1", "info"):
+                return Node(DIR, vm, view=name)
+            for suffix, kind in ((".run", RUNLINK), (".cmd", VCPUCMD), ("", VCPU)):
+                if name.endswith(suffix):
+                    k = _parse_id(name[:len(name) - len(suffix)] if suffix else name, "vcpu")
+                    vcpu = vm.vcpus.get(k) if k is not None else None
+                    if vcpu is not None:
+                        return Node(kind, vm, vcpu)
+            return None
+        if len(parts) == 3 and name == "as1" and parts[2] == "mem":
+            return Node(MEM, vm, as_id=1)
+        if name == "info":
+            view = "/".join(parts[2:])
+            if views.exists(vm, view):
+                return Node(VIEW, vm, view=view)
+        return None
+
+    def listdir(self, node):
+        if node.vm is None:
+            if node.view == "system":
+                return list(views.SYSTEM_VIEWS)
+            return ["kvm", "cmd", "info"] + [f"vm{i}" for i, vm in sorted(self.system.vms.items())
+                                            if not vm.dead]
+        vm = node.vm
+        if node.view == "as1":
+            return ["mem"]
+        if node.view is not None:
+            return views.listdir(vm, node.view)
+        names = ["ctl", "cmd", "mem", "as1", "info"]
+        for k in sorted(vm.vcpus):
+            names += [f"vcpu{k}", f"vcpu{k}.run", f"vcpu{k}.cmd"]
+        return names
+
+    # --- operations -------------------------------------------------------------------
+    def getattr(self, path):
+        node = self.resolve(path)
+        if node is None:
+            raise KvmError(errno.ENOENT, "lookup", path, warn=False)
+        t = self.mount_time
+        st = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_uid": self.uid, "st_gid": self.gid,
+              "st_nlink": 1, "st_size": 0}
+        if node.vm is not None and node.vm.owner_uid is not None:
+            st["st_uid"] = node.vm.owner_uid
+        if node.kind == DIR:
+            st.update(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
+        elif node.kind == RUNLINK:
+            st.update(st_mode=stat.S_IFLNK | 0o777, st_size=len(node.vcpu.run_path))
+        elif node.kind == VIEW:
+            st.update(st_mode=stat.S_IFREG | 0o444)
+        elif node.kind == SYSTEM:
+            st.update(st_mode=stat.S_IFREG | 0o666)
+        elif node.kind == SYSCMD:
+            st.update(st_mode=stat.S_IFREG | 0o666)
+        else:
+            st.update(st_mode=stat.S_IFREG | 0o600)
+        return st
+
+    def readlink(self, path):
+        node = self.resolve(path)
+        if node is None or node.kind != RUNLINK:
+            raise KvmError(errno.EINVAL, "readlink", path, warn=False)
+        return node.vcpu.run_path
+
+    def open(self, path, flags):
+        node = self.resolve(path)
+        if node is None:
+            raise KvmError(errno.ENOENT, "open", path, warn=False)
+        if node.kind == DIR:
+            raise KvmError(errno.EISDIR, "open", path, warn=False)
+        if node.kind == VIEW and flags & (os.O_WRONLY | os.O_RDWR):
+            raise KvmError(errno.EACCES, "open", f"{path} is read-only", warn=False)
+        obj = {SYSTEM: self.system, SYSCMD: self.system, VMCTL: node.vm, VMCMD: node.vm,
+               VCPU: node.vcpu, VCPUCMD: node.vcpu}.get(node.kind)
+        h = Handle(node, obj)
+        if node.kind == VIEW:
+            h.text = views.render(self.system, node.vm, node.view).encode()
+        if node.kind in REF_KINDS:
+            node.vm.get_ref()
+        with self.fh_lock:
+            fh = self.next_fh
+            self.next_fh += 1
+            self.handles[fh] = h
+        return fh
+
+    def release(self, fh):
+        h = self.handles.pop(fh, None)
+        if h is not None and h.node.kind in REF_KINDS:
+            h.vm.put_ref()
+
+    def read(self, fh, size, offset):
+        h = self.handles[fh]
+        kind = h.node.kind
+        if kind == MEM:
+            return h.vm.access_gpa(h.node.as_id, offset, size)
+        if kind == VIEW:
+            return h.text[offset:offset + size]
+        if kind in (SYSCMD, VMCMD, VCPUCMD):
+            text = (h.reply if h.reply is not None else commands.last_reply(h.obj)).encode()
+            return text[offset:offset + size]
+        raise KvmError(errno.EINVAL, "read", "not a readable file", warn=False)
+
+    def write(self, fh, data, offset):
+        h = self.handles[fh]
+        kind = h.node.kind
+        if kind == MEM:
+            return h.vm.access_gpa(h.node.as_id, offset, len(data), data)
+        if kind in (SYSCMD, VMCMD, VCPUCMD):
+            h.reply = commands.execute(h.obj, Ctx(), data.decode(errors="replace"))
+            return len(data)
+        raise KvmError(errno.EINVAL, "write", "not a writable file", warn=False)
+
+    def truncate(self, path):
+        node = self.resolve(path)
+        if node is None:
+            raise KvmError(errno.ENOENT, "truncate", path, warn=False)
+        if node.kind not in (SYSCMD, VMCMD, VCPUCMD, MEM):
+            raise KvmError(errno.EINVAL, "truncate", path, warn=False)
+
+    def ioctl(self, fh, cmd, arg, data):
+        h = self.handles[fh]
+        ctx = Ctx()
+        if h.node.kind in (VMCTL, VCPU):
+            h.vm.check_owner(ctx)
+        handler = h.ioctls.get(cmd) if h.ioctls is not None else None
+        if handler is None:
+            raise KvmError(h.unknown_errno, "ioctl", f"unknown ioctl 0x{cmd:08x} on {h.node.kind}",
+                           warn=False)
+        return handler(h.obj, ctx, arg, data)
+
+
+# ------------------------------------------------------------------------------------
+# libfuse glue: the fuse_operations table and the worker pool.
+
+def _errno_of(exc, op):
+    if isinstance(exc, KvmError):
+        if exc.warn:
+            log.warning("%s", exc)
+        else:
+            log.debug("%s", exc)
+        return exc.errno
+    log.error("bug in %s: %s\n%s", op, exc, traceback.format_exc())
+    return errno.EIO
+
+
+def _fill_stat(st, attrs):
+    for k, v in attrs.items():
+        if k.endswith("time"):
+            ts = getattr(st, k + "spec")
+            ts.tv_sec = int(v)
+            ts.tv_nsec = int((v - int(v)) * 1e9)
+        else:
+            setattr(st, k, v)
+
+
+def build_operations(fs):
+    """The fuse_operations table; each callback returns 0/count or -errno."""
+    ops = fusepy.fuse_operations
+    t = dict((f[0], f[1]) for f in ops._fields_)
+
+    def guarded(name):
+        def deco(fn):
+            def cb(*args):
+                try:
+                    return fn(*args)
+                except BaseException as e:  # noqa: BLE001 -- every failure becomes an errno
+                    return -_errno_of(e, name)
+            return t[name](cb)
+        return deco
+
+    @guarded("getattr")
+    def getattr_cb(path, stp):
+        ctypes.memset(stp, 0, ctypes.sizeof(fusepy.c_stat))
+        _fill_stat(stp.contents, fs.getattr(path.decode()))
+        return 0
+
+    @guarded("readlink")
+    def readlink_cb(path, buf, size):
+        target = fs.readlink(path.decode()).encode()[:size - 1] + b"\0"
+        ctypes.memmove(buf, target, len(target))
+        return 0
+
+    @guarded("open")
+    def open_cb(path, fip):
+        fi = fip.contents
+        fi.fh = fs.open(path.decode(), fi.flags)
+        fi.direct_io = 1          # views and memory change under the reader: no page cache
+        return 0
+
+    @guarded("release")
+    def release_cb(path, fip):
+        fs.release(fip.contents.fh)
+        return 0
+
+    @guarded("read")
+    def read_cb(path, buf, size, offset, fip):
+        data = fs.read(fip.contents.fh, size, offset)
+        ctypes.memmove(buf, data, len(data))
+        return len(data)
+
+    @guarded("write")
+    def write_cb(path, buf, size, offset, fip):
+        return fs.write(fip.contents.fh, ctypes.string_at(buf, size), offset)
+
+    @guarded("truncate")
+    def truncate_cb(path, length):
+        fs.truncate(path.decode())
+        return 0
+
+    @guarded("ftruncate")
+    def ftruncate_cb(path, length, fip):
+        return 0
+
+    @guarded("opendir")
+    def opendir_cb(path, fip):
+        node = fs.resolve(path.decode())
+        if node is None:
+            return -errno.ENOENT
+        if node.kind != DIR:
+            return -errno.ENOTDIR
+        return 0
+
+    @guarded("readdir")
+    def readdir_cb(path, buf, filler, offset, fip):
+        node = fs.resolve(path.decode())
+        if node is None:
+            return -errno.ENOENT
+        for name in [".", ".."] + fs.listdir(node):
+            if filler(buf, name.encode(), None, 0) != 0:
+                break
+        return 0
+
+    @guarded("releasedir")
+    def releasedir_cb(path, fip):
+        return 0
+
+    @guarded("utimens")
+    def utimens_cb(path, times):
+        return 0
+
+    @guarded("ioctl")
+    def ioctl_cb(path, cmd, arg, fip, flags, data):
+        return fs.ioctl(fip.contents.fh, cmd, arg or 0, data)
+
+    table = ops()
+    for name, cb in (("getattr", getattr_cb), ("readlink", readlink_cb), ("open", open_cb),
+                     ("release", release_cb), ("read", read_cb), ("write", write_cb),
+                     ("truncate", truncate_cb), ("ftruncate", ftruncate_cb),
+                     ("opendir", opendir_cb), ("readdir", readdir_cb),
+                     ("releasedir", releasedir_cb), ("utimens", utimens_cb), ("ioctl", ioctl_cb)):
+        setattr(table, name, cb)
+    table.flag_nullpath_ok = 1
+    table.flag_nopath = 1          # fh-based operations need no path: libfuse skips building it
+    return table
+
+
+class Server:
+    """A mounted kvmfs: libfuse session plus a pool of Python reader threads.
+
+    Pool rule: a worker that takes a request and leaves no idle reader behind
+    starts another, up to max_workers; more than max_idle idle readers end.
+    """
+
+    def __init__(self, fs, mountpoint, options=("intr",), max_workers=256, max_idle=4):
+        self.fs = fs
+        self.ops = build_operations(fs)
+        self.mountpoint = mountpoint
+        self.max_workers = max_workers
+        self.max_idle = max_idle
+        self.lock = threading.Lock()
+        self.idle = 0
+        self.workers = 0
+        self.done = threading.Event()
+        opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions", "allow_other")
+                        + tuple(options))
+        if os.getuid() != 0:
+            opts = opts.replace(",allow_other", "")
+        args = [b"kvmfs", b"-f", b"-o", opts.encode(), mountpoint.encode()]
+        self._argv = (ctypes.c_char_p * len(args))(*args)
+        self._mnt = ctypes.c_char_p()
+        mt = ctypes.c_int()
+        self.fuse = _lib.fuse_setup(len(args), self._argv, ctypes.byref(self.ops),
+                                    ctypes.sizeof(self.ops), ctypes.byref(self._mnt),
+                                    ctypes.byref(mt), None)
+        if not self.fuse:
+            raise OSError(errno.EIO, f"cannot mount kvmfs on {mountpoint}")
+        self.session = _lib.fuse_get_session(self.fuse)
+        self.chan = _lib.fuse_session_next_chan(self.session, None)
+        self.bufsize = _lib.fuse_chan_bufsize(self.chan)
+
+    def _spawn(self):
+        self.workers += 1
+        self.idle += 1
+        threading.Thread(target=self._worker, name=f"fuse-{self.workers}", daemon=True).start()
+
+    def _worker(self):
+        buf = ctypes.create_string_buffer(self.bufsize)
+        chan = ctypes.c_void_p(self.chan)
+        while not _lib.fuse_session_exited(self.session):
+            res = _lib.fuse_chan_recv(ctypes.byref(chan), buf, self.bufsize)
+            if res == -errno.EINTR or res == -errno.EAGAIN:
+                continue
+            if res <= 0:                      # unmounted
+                break
+            with self.lock:
+                self.idle -= 1
+                if self.idle == 0 and self.workers < self.max_workers:
+                    self._spawn()
+            _lib.fuse_session_process(self.session, buf, res, chan)
+            with self.lock:
+                if self.idle >= self.max_idle:
+                    self.workers -= 1
+                    return
+                self.idle += 1
+        _lib.fuse_session_exit(self.session)
+        self.done.set()
+
+    def serve(self, reaper_interval=1.0):
+        """Serve until unmounted; every reaper_interval free VMs whose creator died."""
+        with self.lock:
+            self._spawn()
+        while not self.done.wait(reaper_interval) and not _lib.fuse_session_exited(self.session):
+            try:
+                self.fs.system.reap()
+            except Exception:  # noqa: BLE001 -- a reaper bug must not stop the mount
+                log.exception("reaper")
+        self.fs.system.destroy_all()
+        _lib.fuse_teardown(self.fuse, self._mnt)

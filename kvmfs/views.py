@@ -1,0 +1,218 @@
+"""Read-only text views under MNT/info/ and MNT/vmN/info/: pure functions of state.
+
+One record a line, `key: value` or whitespace-separated columns with a header,
+so that cat, grep, cut and watch are all a reader needs.
+"""
+import json
+
+from kvmfs import abi, hostmem
+from kvmfs._native import ffi, lib
+
+SYSTEM_VIEWS = ("vms", "caps", "json")
+VM_VIEWS = ("memslots", "vcpus", "stats", "mmu")
+
+FLAG_NAMES = ((abi.KVM_MEM_LOG_DIRTY_PAGES, "log_dirty"), (abi.KVM_MEM_READONLY, "readonly"),
+              (abi.KVM_MEM_GUEST_MEMFD, "guest_memfd"))
+
+
+def flags_text(flags):
+    return ",".join(n for bit, n in FLAG_NAMES if flags & bit) or "-"
+
+
+def exists(vm, view):
+    if view in VM_VIEWS:
+        return True
+    if view.startswith("vcpu"):
+        rest = view[4:]
+        return rest.isdigit() and int(rest) in vm.vcpus
+    if view == "dirty":
+        return True
+    if view.startswith("dirty/"):
+        return view[6:] in dirty_names(vm)
+    return False
+
+
+def listdir(vm, view):
+    if view == "info":
+        return list(VM_VIEWS) + [f"vcpu{k}" for k in sorted(vm.vcpus)] + ["dirty"]
+    if view == "dirty":
+        return dirty_names(vm)
+    return []
+
+
+def dirty_names(vm):
+    return [f"{s.as_id}.{s.id}" for a in range(abi.KVM_ADDRESS_SPACE_NUM) for s in vm.slots(a)
+            if s.flags & abi.KVM_MEM_LOG_DIRTY_PAGES]
+
+
+def render(system, vm, view):
+    if vm is None:
+        return {"vms": render_vms, "caps": render_caps, "json": as_json}[view](system)
+    if view.startswith("dirty/"):
+        return render_dirty(vm, view[6:])
+    if view.startswith("vcpu") and view != "vcpus":
+        return render_vcpu(vm.vcpus[int(view[4:])])
+    return {"memslots": render_memslots, "vcpus": render_vcpus, "stats": render_stats,
+            "mmu": render_mmu, "dirty": lambda vm: "\n".join(dirty_names(vm)) + "\n"}[view](vm)
+
+
+def render_vms(system):
+    lines = ["vm owner_pid vcpus slots refs"]
+    for vm_id, vm in sorted(system.vms.items()):
+        nslots = sum(lib.kvmfs_memslot_count(vm.mmu, a) for a in range(abi.KVM_ADDRESS_SPACE_NUM))
+        lines.append(f"vm{vm_id} {vm.owner_pid} {len(vm.vcpus)} {nslots} {vm.refs}")
+    return "\n".join(lines) + "\n"
+
+
+def render_caps(system):
+    return "".join(f"{abi.CAP_NAMES.get(nr, nr)}: {val}\n" for nr, val in sorted(abi.CAPS.items()))
+
+
+def slot_rows(vm):
+    """Every memslot as a dict (both address spaces, sorted by gpa)."""
+    rows = []
+    for as_id in range(abi.KVM_ADDRESS_SPACE_NUM):
+        for s in vm.slots(as_id):
+            size = s.npages << abi.PAGE_SHIFT
+            vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
+            backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
+                " shared" if vma.perms[3] == "s" else " private")
+            rows.append({"as": s.as_id, "slot": s.id, "gpa_start": s.base_gfn << abi.PAGE_SHIFT,
+                         "gpa_end": ((s.base_gfn + s.npages) << abi.PAGE_SHIFT) - 1, "size": size,
+                         "flags": flags_text(s.flags), "hva": s.userspace_addr,
+                         "dirty_pages": s.dirty_count, "backing": backing})
+    return rows
+
+
+def render_memslots(vm):
+    lines = ["as slot gpa_start gpa_end size flags hva dirty_pages backing"]
+    for r in slot_rows(vm):
+        lines.append(f"{r['as']} {r['slot']} 0x{r['gpa_start']:x} 0x{r['gpa_end']:x} 0x{r['size']:x} "
+                     f"{r['flags']} 0x{r['hva']:x} {r['dirty_pages']} {r['backing']}")
+    return "\n".join(lines) + "\n"
+
+
+def render_vcpus(vm):
+    lines = ["vcpu runs last_exit"]
+    for k, v in sorted(vm.vcpus.items()):
+        st = v.stats()
+        if st is None:
+            lines.append(f"{k} 0 -")
+        else:
+            lines.append(f"{k} {st.runs} {abi.EXIT_REASONS.get(st.last_exit_reason, st.last_exit_reason)}")
+    return "\n".join(lines) + "\n"
+
+
+def vcpu_state(v):
+    """Registers, mode and exit counters of a vCPU as a dict."""
+    out = {"id": v.id}
+    st = v.stats()
+    if st is None:
+        return out
+    regs = ffi.new("struct kvm_regs *")
+    sregs = ffi.new("struct kvm_sregs *")
+    lib.kvmfs_vcpu_get_regs(v.native, regs)
+    lib.kvmfs_vcpu_get_sregs(v.native, sregs)
+    for name in abi.kvm_regs._fields_:
+        out[name[0]] = getattr(regs, name[0])
+    for name in ("cr0", "cr2", "cr3", "cr4", "efer", "apic_base"):
+        out[name] = getattr(sregs, name)
+    out["cs"] = sregs.cs.selector
+    out["mode"] = cpu_mode(sregs)
+    out["runs"] = st.runs
+    out["last_exit"] = abi.EXIT_REASONS.get(st.last_exit_reason, str(st.last_exit_reason))
+    out["exits"] = {abi.EXIT_REASONS.get(i, str(i)): st.exits[i] for i in range(64) if st.exits[i]}
+    return out
+
+
+def cpu_mode(sregs):
+    if not sregs.cr0 & 1:
+        return "real"
+    if sregs.efer & 0x400:
+        return "long64" if sregs.cs.l else "compat32"
+    paging = ""
+    if sregs.cr0 & 0x80000000:
+        paging = "+pae" if sregs.cr4 & 0x20 else ("+pse" if sregs.cr4 & 0x10 else "+paging")
+    return ("protected32" if sregs.cs.db else "protected16") + paging
+
+
+def render_vcpu(v):
+    state = vcpu_state(v)
+    lines = []
+    for k, val in state.items():
+        if k == "exits":
+            lines += [f"exits.{name}: {n}" for name, n in val.items()]
+        elif isinstance(val, int) and k not in ("id", "runs", "cs"):
+            lines.append(f"{k}: 0x{val:x}")
+        else:
+            lines.append(f"{k}: {val}")
+    return "\n".join(lines) + "\n"
+
+
+def mmu_stats(vm):
+    st = ffi.new("struct kvmfs_mmu_stats *")
+    lib.kvmfs_mmu_get_stats(vm.mmu, st)
+    return {f: getattr(st, f) for f in dir(st)}
+
+
+def render_stats(vm):
+    out = dict(vm.counters)
+    out.update({f"mmu_{k}": v for k, v in mmu_stats(vm).items()})
+    exits = {}
+    for v in vm.vcpus.values():
+        st = v.stats()
+        if st is not None:
+            for i in range(64):
+                if st.exits[i]:
+                    name = abi.EXIT_REASONS.get(i, str(i))
+                    exits[name] = exits.get(name, 0) + st.exits[i]
+    out.update({f"exits_{k}": v for k, v in sorted(exits.items())})
+    return "".join(f"{k}: {v}\n" for k, v in out.items())
+
+
+SPTE_FLAGS = ((1, "W"), (2, "X"), (4, "A"), (8, "D"))
+
+
+def render_mmu(vm, limit=1 << 20):
+    out = ffi.new("struct kvmfs_spte_info[]", 4096)
+    n = lib.kvmfs_mmu_list_sptes(vm.mmu, out, 4096)
+    if n > 4096:
+        out = ffi.new("struct kvmfs_spte_info[]", min(n, limit))
+        n = lib.kvmfs_mmu_list_sptes(vm.mmu, out, min(n, limit))
+    lines = ["as gfn hva uphys perms"]
+    for i in range(min(n, len(out))):
+        s = out[i]
+        perms = "R" + "".join(c if s.flags & b else "-" for b, c in SPTE_FLAGS)
+        lines.append(f"{s.as_id} 0x{s.gfn:x} 0x{s.hva:x} 0x{s.uphys:x} {perms}")
+    return "\n".join(lines) + "\n"
+
+
+def render_dirty(vm, name):
+    as_id, sid = (int(x) for x in name.split("."))
+    info = ffi.new("struct kvmfs_slot_info *")
+    if lib.kvmfs_memslot_get(vm.mmu, as_id, sid, info) < 0:
+        return ""
+    nbytes = (info.npages + 63) // 64 * 8
+    buf = ffi.new("uint64_t[]", nbytes // 8)
+    if lib.kvmfs_dirty_peek(vm.mmu, as_id, sid, buf, nbytes) < 0:
+        return ""
+    lines = ["page gpa"]
+    for w in range(nbytes // 8):
+        word = buf[w]
+        while word:
+            bit = (word & -word).bit_length() - 1
+            page = w * 64 + bit
+            lines.append(f"{page} 0x{(info.base_gfn + page) << abi.PAGE_SHIFT:x}")
+            word &= word - 1
+    return "\n".join(lines) + "\n"
+
+
+def as_json(system):
+    """Everything `kvmfs stat --json` prints."""
+    out = {"vms": {}}
+    for vm_id, vm in sorted(system.vms.items()):
+        out["vms"][f"vm{vm_id}"] = {
+            "owner_pid": vm.owner_pid, "memslots": slot_rows(vm),
+            "vcpus": [vcpu_state(v) for _, v in sorted(vm.vcpus.items())],
+            "stats": {**vm.counters, **{f"mmu_{k}": v for k, v in mmu_stats(vm).items()}}}
+    return json.dumps(out, indent=1)
