@@ -67,7 +67,7 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
 /*
  * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
  * (all vCPUs' TLBs flushed before return) and forget the ranges inside it.
- * Returns the number of ranges removed; *ptrs/*sizes (up to max) receive
+ * Returns the number of ranges removed; *ptrs and *sizes (up to max) get
  * their daemon mappings so the caller can munmap them.
  */
 int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size,

@@ -1,0 +1,150 @@
+/*
+ * dirty.c - the dirty-log ioctls over the per-slot bitmaps (spec 8).
+ *
+ * Bitmap encoding (the ioctl's): page i of a slot is bit i % 64 of the u64
+ * word i / 64; bits past npages in the last word stay 0.  The bitmap exists
+ * exactly while the slot has KVM_MEM_LOG_DIRTY_PAGES (mmu.c allocates and
+ * frees it) and slot->dirty_count is its population count.
+ *
+ * Write-protection protocol (the invariant of kvmfs_internal.h: in a logging
+ * slot an spte is writable only if its dirty bit is set):
+ *   1. a harvested or cleared bit is reset in the bitmap;
+ *   2. the same pages' sptes lose W (found by page index in slot->sptes, so
+ *      the cost is O(pages reported), not O(slot size));
+ *   3. if any spte lost W, every vCPU's TLB is flushed before returning, so
+ *      the next guest write to such a page faults into translate, which sets
+ *      the bit again and restores W.
+ * Work is a word at a time and skips zero words: an idle 1 GiB slot is 4096
+ * word loads.
+ */
+#include <string.h>
+#include <pthread.h>
+
+#include "kvmfs_internal.h"
+
+void kvmfs_dirty_set_manual_protect(kvmfs_mmu *mmu, uint32_t options)
+{
+	pthread_mutex_lock(&mmu->lock);
+	mmu->manual_protect = options & (KVMFS_MANUAL_ENABLE | KVMFS_MANUAL_INIT_SET);
+	pthread_mutex_unlock(&mmu->lock);
+}
+
+static struct kvmfs_slot *logging_slot(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id)
+{
+	struct kvmfs_slot *s = mmu->as[as_id].by_id[id];
+
+	return s && s->dirty ? s : NULL;
+}
+
+/* Steps 1-2 for the set bits of `bits` in word w; returns whether an spte lost W. */
+static bool reprotect_word(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t w, uint64_t bits)
+{
+	bool any = false;
+
+	s->dirty[w] &= ~bits;
+	s->dirty_count -= __builtin_popcountll(bits);
+	if (!s->sptes)
+		return false;
+	while (bits) {
+		uint64_t idx = w * 64 + __builtin_ctzll(bits);
+		struct kvmfs_spte *sp = s->sptes[idx];
+		bits &= bits - 1;
+		if (sp && (sp->flags & KVMFS_SPTE_W)) {
+			sp->flags &= ~KVMFS_SPTE_W;
+			any = true;
+		}
+	}
+	return any;
+}
+
+int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
+{
+	struct kvmfs_slot *s;
+	uint64_t words, *o = out;
+	bool flush = false;
+
+	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
+		return -EINVAL;
+	pthread_mutex_lock(&mmu->lock);
+	s = logging_slot(mmu, as_id, id);
+	if (!s) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -ENOENT;
+	}
+	words = (s->npages + 63) / 64;
+	if (out_size < words * 8) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -EINVAL;
+	}
+	memcpy(out, s->dirty, words * 8);
+	/* with manual protection GET only reports (spec 8.1); else harvest */
+	if (!(mmu->manual_protect & KVMFS_MANUAL_ENABLE) && s->dirty_count) {
+		for (uint64_t w = 0; w < words; w++)
+			if (o[w])
+				flush |= reprotect_word(mmu, s, w, o[w]);
+	}
+	if (flush)
+		kvmfs_mmu_flush_remote(mmu);
+	pthread_mutex_unlock(&mmu->lock);
+	return 0;
+}
+
+int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t first_page,
+			  uint32_t num_pages, const void *mask)
+{
+	struct kvmfs_slot *s;
+	uint64_t words;
+	bool flush = false;
+
+	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS || first_page % 64)
+		return -EINVAL;
+	pthread_mutex_lock(&mmu->lock);
+	s = logging_slot(mmu, as_id, id);
+	if (!s) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -ENOENT;
+	}
+	if (first_page > s->npages || num_pages > s->npages - first_page) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -EINVAL;
+	}
+	words = (num_pages + 63) / 64;
+	for (uint64_t j = 0; j < words; j++) {
+		uint64_t m, w = first_page / 64 + j;
+		memcpy(&m, (const char *)mask + j * 8, 8);   /* mask may be unaligned */
+		/* bits past num_pages (and so past the slot's end) are ignored */
+		if ((j + 1) * 64 > num_pages)
+			m &= (1ull << (num_pages % 64)) - 1;
+		/* only pages that were dirty are re-protected (KVM's fetch_andnot) */
+		m &= s->dirty[w];
+		if (m)
+			flush |= reprotect_word(mmu, s, w, m);
+	}
+	if (flush)
+		kvmfs_mmu_flush_remote(mmu);
+	pthread_mutex_unlock(&mmu->lock);
+	return 0;
+}
+
+int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
+{
+	struct kvmfs_slot *s;
+	uint64_t bytes;
+
+	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
+		return -EINVAL;
+	pthread_mutex_lock(&mmu->lock);
+	s = logging_slot(mmu, as_id, id);
+	if (!s) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -ENOENT;
+	}
+	bytes = (s->npages + 63) / 64 * 8;
+	if (out_size < bytes) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -EINVAL;
+	}
+	memcpy(out, s->dirty, bytes);
+	pthread_mutex_unlock(&mmu->lock);
+	return 0;
+}
