@@ -1,0 +1,320 @@
+/*
+ * kvmfs.h - header-only C client for kvmfs (and for real /dev/kvm).
+ *
+ * kvmfs serves the KVM API from a FUSE mount: the same ioctl numbers, structs
+ * and errno values as <linux/kvm.h>.  The one difference is where KVM hands out
+ * a new fd (ARCHITECTURE.md section 2): on kvmfs KVM_CREATE_VM returns a VM id N
+ * and the VM fd is MNT/vmN/ctl; KVM_CREATE_VCPU returns K and the vCPU fd is
+ * MNT/vmN/vcpuK; the kvm_run area is the file MNT/vmN/vcpuK.run.  These helpers
+ * hide that difference, so one program runs on both:
+ *
+ *   int kvm  = kvmfs_open_system(NULL);       // $KVMFS_MNT/kvm, or /dev/kvm
+ *   int vm   = kvmfs_create_vm(kvm, 0);       // a VM fd either way
+ *   int vcpu = kvmfs_create_vcpu(vm, 0);      // a vCPU fd either way
+ *   struct kvm_run *run = kvmfs_map_run(vcpu, ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0));
+ *   void *ram = kvmfs_alloc_guest_memory(1 << 20);   // memfd-backed, MAP_SHARED
+ *
+ * Every other call is a plain ioctl() on those fds.  Functions return -1 (fds)
+ * or NULL (pointers) with errno set on failure, and never print.
+ *
+ * Guest memory must be shareable with the daemon (ARCHITECTURE.md section 3):
+ * kvmfs_alloc_guest_memory() gives memfd-backed MAP_SHARED memory, which real
+ * KVM accepts as well.
+ *
+ * The numbers come from the system's <linux/kvm.h>; definitions newer than that
+ * header (KVM_SET_USER_MEMORY_REGION2, guest_memfd, memory attributes) are added
+ * below behind #ifndef, with the layouts of spec/kvm-abi.md section 5.
+ */
+#ifndef KVMFS_H
+#define KVMFS_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+
+/* --- definitions newer than older system headers -------------------------------- */
+#ifndef KVM_MEM_GUEST_MEMFD
+#define KVM_MEM_GUEST_MEMFD (1UL << 2)
+#endif
+
+#ifndef KVM_SET_USER_MEMORY_REGION2
+struct kvm_userspace_memory_region2 {
+	__u32 slot;
+	__u32 flags;
+	__u64 guest_phys_addr;
+	__u64 memory_size;
+	__u64 userspace_addr;
+	__u64 guest_memfd_offset;
+	__u32 guest_memfd;
+	__u32 pad1;
+	__u64 pad2[14];
+};
+#define KVM_SET_USER_MEMORY_REGION2 _IOW(KVMIO, 0x49, struct kvm_userspace_memory_region2)
+#endif
+
+#ifndef KVM_CREATE_GUEST_MEMFD
+struct kvm_create_guest_memfd {
+	__u64 size;
+	__u64 flags;
+	__u64 reserved[6];
+};
+#define KVM_CREATE_GUEST_MEMFD _IOWR(KVMIO, 0xd4, struct kvm_create_guest_memfd)
+#endif
+
+#ifndef KVM_SET_MEMORY_ATTRIBUTES
+struct kvm_memory_attributes {
+	__u64 address;
+	__u64 size;
+	__u64 attributes;
+	__u64 flags;
+};
+#define KVM_SET_MEMORY_ATTRIBUTES _IOW(KVMIO, 0xd2, struct kvm_memory_attributes)
+#endif
+
+#ifndef KVM_MEMORY_ATTRIBUTE_PRIVATE
+#define KVM_MEMORY_ATTRIBUTE_PRIVATE (1ULL << 3)
+#endif
+#ifndef GUEST_MEMFD_FLAG_MMAP
+#define GUEST_MEMFD_FLAG_MMAP (1ULL << 0)
+#endif
+#ifndef GUEST_MEMFD_FLAG_INIT_SHARED
+#define GUEST_MEMFD_FLAG_INIT_SHARED (1ULL << 1)
+#endif
+#ifndef KVM_EXIT_MEMORY_FAULT
+#define KVM_EXIT_MEMORY_FAULT 39
+#endif
+#ifndef KVM_MEMORY_EXIT_FLAG_PRIVATE
+#define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
+#endif
+#ifndef KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP
+#define KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP 225
+#endif
+#ifndef KVM_CAP_USER_MEMORY2
+#define KVM_CAP_USER_MEMORY2 231
+#endif
+#ifndef KVM_CAP_MEMORY_FAULT_INFO
+#define KVM_CAP_MEMORY_FAULT_INFO 232
+#endif
+#ifndef KVM_CAP_MEMORY_ATTRIBUTES
+#define KVM_CAP_MEMORY_ATTRIBUTES 233
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD
+#define KVM_CAP_GUEST_MEMFD 234
+#endif
+#ifndef KVM_CAP_VM_TYPES
+#define KVM_CAP_VM_TYPES 235
+#endif
+#ifndef KVM_CAP_PRE_FAULT_MEMORY
+#define KVM_CAP_PRE_FAULT_MEMORY 236
+#endif
+#ifndef KVM_CAP_GUEST_MEMFD_FLAGS
+#define KVM_CAP_GUEST_MEMFD_FLAGS 244
+#endif
+#ifndef KVM_X86_DEFAULT_VM
+#define KVM_X86_DEFAULT_VM 0
+#endif
+#ifndef KVM_X86_SW_PROTECTED_VM
+#define KVM_X86_SW_PROTECTED_VM 1
+#endif
+
+/* --- helpers ------------------------------------------------------------------- */
+
+/* The path an fd was opened from (or "anon_inode:kvm-vm" and the like). */
+static inline int kvmfs__fd_path(int fd, char *buf, size_t size)
+{
+	char link[64];
+	ssize_t n;
+
+	snprintf(link, sizeof(link), "/proc/self/fd/%d", fd);
+	n = readlink(link, buf, size - 1);
+	if (n < 0)
+		return -1;
+	if ((size_t)n >= size - 1) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	buf[n] = '\0';
+	return 0;
+}
+
+/* Is this fd a kvmfs file?  Real KVM's VM and vCPU fds are anonymous inodes and
+ * /dev/kvm is a character device; kvmfs's are regular files on the mount. */
+static inline int kvmfs_is_kvmfs_fd(int fd)
+{
+	struct stat st;
+
+	if (fstat(fd, &st) < 0)
+		return -1;
+	return S_ISREG(st.st_mode) ? 1 : 0;
+}
+
+/* Cut the last path component of `path` in place; fails if it is not `name`. */
+static inline int kvmfs__strip(char *path, const char *name)
+{
+	char *slash = strrchr(path, '/');
+
+	if (!slash || strcmp(slash + 1, name) != 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	*slash = '\0';
+	return 0;
+}
+
+static inline int kvmfs__open_at(const char *dir, const char *fmt, long id)
+{
+	char path[PATH_MAX], name[64];
+
+	snprintf(name, sizeof(name), fmt, id);
+	if (snprintf(path, sizeof(path), "%s/%s", dir, name) >= (int)sizeof(path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return open(path, O_RDWR | O_CLOEXEC);
+}
+
+/* The mount point kvmfs_open_system(NULL) uses: $KVMFS_MNT, or NULL for /dev/kvm. */
+static inline const char *kvmfs_default_mnt(void)
+{
+	const char *mnt = getenv("KVMFS_MNT");
+
+	return (mnt && *mnt) ? mnt : NULL;
+}
+
+/* The system fd: MNT/kvm, or /dev/kvm when mnt is NULL and $KVMFS_MNT is unset. */
+static inline int kvmfs_open_system(const char *mnt)
+{
+	char path[PATH_MAX];
+
+	if (!mnt)
+		mnt = kvmfs_default_mnt();
+	if (!mnt)
+		return open("/dev/kvm", O_RDWR | O_CLOEXEC);
+	if (snprintf(path, sizeof(path), "%s/kvm", mnt) >= (int)sizeof(path)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	return open(path, O_RDWR | O_CLOEXEC);
+}
+
+/* KVM_CREATE_VM; returns the VM fd (kvmfs: opens MNT/vmN/ctl). */
+static inline int kvmfs_create_vm(int sys_fd, unsigned long type)
+{
+	char dir[PATH_MAX];
+	int id, fd, kvmfs = kvmfs_is_kvmfs_fd(sys_fd);
+
+	if (kvmfs < 0)
+		return -1;
+	id = ioctl(sys_fd, KVM_CREATE_VM, type);
+	if (id < 0 || !kvmfs)
+		return id;
+	if (kvmfs__fd_path(sys_fd, dir, sizeof(dir)) < 0 || kvmfs__strip(dir, "kvm") < 0)
+		return -1;
+	fd = kvmfs__open_at(dir, "vm%ld/ctl", id);
+	return fd;
+}
+
+/* The directory MNT/vmN of a kvmfs VM fd, into buf; -1 (EINVAL) for real KVM. */
+static inline int kvmfs_vm_dir(int vm_fd, char *buf, size_t size)
+{
+	int kvmfs = kvmfs_is_kvmfs_fd(vm_fd);
+
+	if (kvmfs <= 0) {
+		if (kvmfs == 0)
+			errno = EINVAL;
+		return -1;
+	}
+	if (kvmfs__fd_path(vm_fd, buf, size) < 0)
+		return -1;
+	return kvmfs__strip(buf, "ctl");
+}
+
+/* KVM_CREATE_VCPU; returns the vCPU fd (kvmfs: opens MNT/vmN/vcpuK). */
+static inline int kvmfs_create_vcpu(int vm_fd, unsigned long id)
+{
+	char dir[PATH_MAX];
+	int k, kvmfs = kvmfs_is_kvmfs_fd(vm_fd);
+
+	if (kvmfs < 0)
+		return -1;
+	k = ioctl(vm_fd, KVM_CREATE_VCPU, id);
+	if (k < 0 || !kvmfs)
+		return k;
+	if (kvmfs_vm_dir(vm_fd, dir, sizeof(dir)) < 0)
+		return -1;
+	return kvmfs__open_at(dir, "vcpu%ld", k);
+}
+
+/* The kvm_run area of a vCPU, `size` = KVM_GET_VCPU_MMAP_SIZE; NULL on failure.
+ * Real KVM: mmap of the vCPU fd.  kvmfs: mmap of MNT/vmN/vcpuK.run (shared). */
+static inline struct kvm_run *kvmfs_map_run(int vcpu_fd, size_t size)
+{
+	char path[PATH_MAX];
+	void *p;
+	int fd, saved, kvmfs = kvmfs_is_kvmfs_fd(vcpu_fd);
+
+	if (kvmfs < 0)
+		return NULL;
+	if (!kvmfs) {
+		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
+		return p == MAP_FAILED ? NULL : (struct kvm_run *)p;
+	}
+	if (kvmfs__fd_path(vcpu_fd, path, sizeof(path) - 4) < 0)
+		return NULL;
+	strcat(path, ".run");
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	saved = errno;
+	close(fd);
+	errno = saved;
+	return p == MAP_FAILED ? NULL : (struct kvm_run *)p;
+}
+
+/* `size` bytes of zeroed guest memory, memfd-backed and MAP_SHARED, so that
+ * both real KVM and the kvmfs daemon can use it; NULL on failure.  Release it
+ * with munmap(p, size). */
+static inline void *kvmfs_alloc_guest_memory(size_t size)
+{
+	void *p;
+	int fd, saved;
+
+	fd = (int)syscall(SYS_memfd_create, "kvmfs-guest-memory", 1U /* MFD_CLOEXEC */);
+	if (fd < 0)
+		return NULL;
+	if (ftruncate(fd, (off_t)size) < 0) {
+		saved = errno;
+		close(fd);
+		errno = saved;
+		return NULL;
+	}
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	saved = errno;
+	close(fd);
+	errno = saved;
+	return p == MAP_FAILED ? NULL : p;
+}
+
+/* KVM_SET_USER_MEMORY_REGION for slot `slot` of address space `as_id`. */
+static inline int kvmfs_set_memslot(int vm_fd, unsigned as_id, unsigned slot, unsigned flags,
+				    __u64 gpa, __u64 size, void *hva)
+{
+	struct kvm_userspace_memory_region r = {
+		.slot = as_id << 16 | slot, .flags = flags, .guest_phys_addr = gpa,
+		.memory_size = size, .userspace_addr = (__u64)(unsigned long)hva,
+	};
+
+	return ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
+}
+
+#endif /* KVMFS_H */
