@@ -86,7 +86,7 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "obj", "ioctls", "unknown_errno", "vm", "reply", "text")
+    __slots__ = ("node", "obj", "ioctls", "unknown_errno", "vm", "reply", "cursor", "text")
 
     def __init__(self, node, obj):
         self.node = node
@@ -95,6 +95,8 @@ class Handle:
         self.ioctls = getattr(obj, "IOCTLS", None)
         self.unknown_errno = getattr(obj, "UNKNOWN_IOCTL_ERRNO", errno.ENOTTY)
         self.reply = None        # text-command answer waiting to be read
+        self.cursor = 0          # how much of it was read: answers ignore the file offset,
+                                 # which the command written before them has moved
         self.text = None         # a view's text, fixed at open so reads are consistent
 
 
@@ -254,8 +256,11 @@ class KvmFs:
         if kind == VIEW:
             return h.text[offset:offset + size]
         if kind in (SYSCMD, VMCMD, VCPUCMD):
-            text = (h.reply if h.reply is not None else commands.last_reply(h.obj)).encode()
-            return text[offset:offset + size]
+            if h.reply is None:
+                h.reply = commands.last_reply(h.obj)
+            text = h.reply.encode()[h.cursor:h.cursor + size]
+            h.cursor += len(text)
+            return text
         raise KvmError(errno.EINVAL, "read", "not a readable file", warn=False)
 
     def write(self, fh, data, offset):
@@ -264,6 +269,7 @@ class KvmFs:
         if kind == MEM:
             return h.vm.access_gpa(h.node.as_id, offset, len(data), data)
         if kind in (SYSCMD, VMCMD, VCPUCMD):
+            h.reply, h.cursor = None, 0
             h.reply = commands.execute(h.obj, Ctx(), data.decode(errors="replace"))
             return len(data)
         raise KvmError(errno.EINVAL, "write", "not a writable file", warn=False)

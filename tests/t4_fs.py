@@ -1,0 +1,204 @@
+"""The mounted filesystem: the tree, shared guest memory, lifetime, the shell interface."""
+import ctypes
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from kvmfs import abi
+from kvmfs.client import Kvm, alloc_guest_memory, ioctl
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def kvm(mounted):
+    k = Kvm(mounted)
+    yield k
+    k.close()
+
+
+def vm_dirs(mnt):
+    return sorted(n for n in os.listdir(mnt) if n.startswith("vm"))
+
+
+def wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_tree_and_system_ioctls(mounted, kvm):
+    assert {"kvm", "cmd", "info"} <= set(os.listdir(mounted))
+    assert kvm.get_api_version() == 12
+    assert kvm.get_vcpu_mmap_size() == 12288
+    assert kvm.check_extension(abi.KVM_CAP_NR_MEMSLOTS) == 32764
+    assert kvm.check_extension(abi.KVM_CAP_MULTI_ADDRESS_SPACE) == 2
+    assert kvm.check_extension(9999) == 0
+    with pytest.raises(OSError) as e:
+        ioctl(kvm.fd, abi.KVM_RUN, 0)
+    assert e.value.errno == errno.EINVAL
+    assert "NR_MEMSLOTS: 32764" in open(os.path.join(mounted, "info", "caps")).read()
+
+
+def test_vm_appears_and_is_freed_on_close(mounted, kvm):
+    vm = kvm.create_vm()
+    name = os.path.basename(vm.dir)
+    assert name in os.listdir(mounted)
+    assert {"ctl", "cmd", "mem", "as1", "info"} <= set(os.listdir(vm.dir))
+    vcpu = vm.create_vcpu(3)
+    assert {"vcpu3", "vcpu3.run", "vcpu3.cmd"} <= set(os.listdir(vm.dir))
+    vcpu.close()
+    vm.close()
+    assert wait_for(lambda: name not in os.listdir(mounted))
+
+
+def test_guest_memory_is_shared_both_ways(mounted, kvm):
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(2 * MiB)
+    vm.set_user_memory_region(0, 0, 0x100000, MiB, mem.address)
+    vm.set_user_memory_region(1, 0, 0x200000, MiB, mem.address + MiB)   # adjacent: reads cross it
+    mem.map[0:4] = b"VMM!"
+    assert vm.read_gpa(0x100000, 4) == b"VMM!"
+    vm.write_gpa(0x180000, b"from mem file")
+    assert mem.map[0x80000:0x80000 + 13] == b"from mem file"
+    mem.map[MiB - 2:MiB + 2] = b"ABCD"
+    assert vm.read_gpa(0x200000 - 2, 4) == b"ABCD"                     # across two slots
+    # A hole answers EIO; a read that starts in a slot stops at its end.
+    with pytest.raises(OSError) as e:
+        vm.read_gpa(0x50000, 16)
+    assert e.value.errno == errno.EIO
+    assert len(vm.read_gpa(0x300000 - 8, 64)) == 8
+    rows = vm.info("memslots").splitlines()
+    assert rows[0].split()[:6] == ["as", "slot", "gpa_start", "gpa_end", "size", "flags"]
+    assert rows[1].split()[:5] == ["0", "0", "0x100000", "0x1fffff", "0x100000"]
+    assert "memfd:guest" in rows[1]
+    vm.close()
+    mem.close()
+
+
+def test_address_space_1_has_its_own_memory(mounted, kvm):
+    vm = kvm.create_vm()
+    m0, m1 = alloc_guest_memory(MiB), alloc_guest_memory(MiB)
+    vm.set_user_memory_region(0, 0, 0, MiB, m0.address)
+    vm.set_user_memory_region(1 << 16 | 0, 0, 0, MiB, m1.address)      # same id and gpa, as_id 1
+    vm.write_gpa(0x10, b"zero", as_id=0)
+    vm.write_gpa(0x10, b"one!", as_id=1)
+    assert m0.map[0x10:0x14] == b"zero" and m1.map[0x10:0x14] == b"one!"
+    vm.close()
+
+
+def test_private_anonymous_memory_fails_on_access_with_a_hint(mounted, kvm):
+    vm = kvm.create_vm()
+    anon = mmap.mmap(-1, MiB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(anon))
+    vm.set_user_memory_region(0, 0, 0, MiB, addr)             # accepted, as KVM accepts it
+    with pytest.raises(OSError) as e:
+        vm.read_gpa(0, 8)
+    assert e.value.errno == errno.EFAULT
+    assert wait_for(lambda: "memfd_create" in mounted.log_text())
+    vm.close()
+
+
+def test_vm_ioctl_from_another_process_is_eio(mounted, kvm):
+    vm = kvm.create_vm()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ioctl(vm.fd, abi.KVM_CHECK_EXTENSION, 0)
+            os._exit(1)
+        except OSError as e:
+            os._exit(0 if e.errno == errno.EIO else 2)
+    assert os.waitpid(pid, 0)[1] == 0
+    vm.close()
+
+
+CLIENT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, %r)
+    from kvmfs.client import Kvm, alloc_guest_memory
+    kvm = Kvm(sys.argv[1])
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(1 << 20)
+    vm.set_user_memory_region(0, 0, 0, 1 << 20, mem.address)
+    vcpu = vm.create_vcpu(0)
+    print(os.path.basename(vm.dir), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_sigkilled_client_leaves_no_vm(mounted, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.Popen([sys.executable, str(script), mounted], stdout=subprocess.PIPE, text=True)
+    name = p.stdout.readline().strip()
+    assert name in os.listdir(mounted)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert wait_for(lambda: name not in os.listdir(mounted)), os.listdir(mounted)
+
+
+def test_vm_of_a_creator_that_never_opened_it_is_reaped(mounted):
+    code = ("import sys; sys.path.insert(0, %r); from kvmfs.client import ioctl; from kvmfs import abi; "
+            "import os; fd = os.open(sys.argv[1] + '/kvm', os.O_RDWR); "
+            "print(ioctl(fd, abi.KVM_CREATE_VM, 0))" % os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code, mounted], capture_output=True, text=True, check=True)
+    name = f"vm{int(out.stdout)}"
+    assert wait_for(lambda: name not in os.listdir(mounted), timeout=10)
+
+
+def sh(cmd, mnt, check=True):
+    return subprocess.run(["bash", "-c", cmd], cwd=mnt, capture_output=True, text=True, check=check)
+
+
+def test_shell_creates_vm_loads_image_and_reads_it_back(mounted, tmp_path):
+    image = tmp_path / "guest.bin"
+    image.write_bytes(bytes(range(256)) * 64)          # 16 KiB
+    out = sh(f"""
+        exec 3<>cmd; echo create_vm >&3; read -r word vm <&3
+        cd vm$vm
+        echo 'set_user_memory_region 0 0 0x10000 0x100000' > cmd
+        echo 'set_user_memory_region 0x10001 0 0x0 0x1000' > cmd
+        dd if={image} of=mem bs=4096 seek=16 conv=notrunc status=none
+        dd if=mem bs=4096 skip=16 count=4 status=none > {tmp_path}/back.bin
+        cat info/memslots
+        echo vm$vm
+    """, mounted)
+    assert (tmp_path / "back.bin").read_bytes() == image.read_bytes()
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("0 0 0x10000 0x10ffff 0x100000") for line in lines), out.stdout
+    assert any(line.startswith("1 1 0x0 0xfff 0x1000") for line in lines), out.stdout
+
+
+def test_shell_command_errors_are_the_ioctl_errnos(mounted):
+    out = sh("""
+        exec 3<>cmd; echo create_vm >&3; read -r word vm <&3
+        cd vm$vm
+        echo 'set_user_memory_region 0 0 0x0 0x1000' > cmd
+        echo 'set_user_memory_region 1 0 0x0 0x1000' > cmd || echo overlap-refused
+        echo 'set_user_memory_region 32764 0 0x10000 0x1000' > cmd || echo bad-slot-refused
+        cat cmd
+        echo 'no_such_command' > cmd || echo unknown-refused
+    """, mounted, check=False)
+    assert "overlap-refused" in out.stdout and "File exists" in out.stderr
+    assert "bad-slot-refused" in out.stdout and "Invalid argument" in out.stderr
+    assert "error: EINVAL" in out.stdout
+    assert "unknown-refused" in out.stdout
+
+
+def test_unknown_paths_and_views_are_read_only(mounted, kvm):
+    assert not os.path.exists(os.path.join(mounted, "vm999999"))
+    vm = kvm.create_vm()
+    with pytest.raises(OSError) as e:
+        open(os.path.join(vm.dir, "info", "memslots"), "w")
+    assert e.value.errno == errno.EACCES
+    vm.close()
