@@ -146,6 +146,11 @@ class kvm_msrs(Struct):
     _fields_ = [("nmsrs", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class kvm_msr_list(Struct):
+    """Header only: `nmsrs` u32 indices follow in the caller's memory."""
+    _fields_ = [("nmsrs", ctypes.c_uint32)]
+
+
 class kvm_cpuid_entry2(Struct):
     _fields_ = [(n, ctypes.c_uint32) for n in (
         "function", "index", "flags", "eax", "ebx", "ecx", "edx")] + [
@@ -202,7 +207,7 @@ KVM_CREATE_VM = IO(0x01)
 KVM_CHECK_EXTENSION = IO(0x03)
 KVM_GET_VCPU_MMAP_SIZE = IO(0x04)
 KVM_GET_SUPPORTED_CPUID = IOWR(0x05, kvm_cpuid2)
-KVM_GET_MSR_INDEX_LIST = IOWR(0x02, kvm_msrs)
+KVM_GET_MSR_INDEX_LIST = IOWR(0x02, kvm_msr_list)
 # VM ioctls (MNT/vmN/ctl)
 KVM_CREATE_VCPU = IO(0x41)
 KVM_GET_DIRTY_LOG = IOW(0x42, kvm_dirty_log)
