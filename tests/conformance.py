@@ -43,6 +43,7 @@ HUGE_HVA = 1 << 44         # user address with room for 2^43 bytes below 2^47
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _libc.ioctl.restype = ctypes.c_int
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 # --- ioctl helpers ----------------------------------------------------------------
@@ -94,14 +95,16 @@ def set_memslot(vm, slot, gpa, size, hva, flags=0, as_id=0, v=1,
     return ioctl(vm, abi.KVM_SET_USER_MEMORY_REGION2, r)
 
 
-def get_dirty_log(vm, slot, as_id=0):
+def get_dirty_log(vm, slot, as_id=0, bitmap_addr=None):
     """KVM_GET_DIRTY_LOG; the first bitmap word (pages 0-63) or the errno name.
 
-    The buffer starts all ones so that a bitmap KVM did not write cannot pass as 0."""
+    The buffer starts all ones so that a bitmap KVM did not write cannot pass as 0.
+    With `bitmap_addr`, KVM writes there instead, and the result is the return value."""
     bitmap = (ctypes.c_uint64 * 8)(*([2 ** 64 - 1] * 8))
-    log = abi.kvm_dirty_log(slot_field(slot, as_id), 0, ctypes.addressof(bitmap))
+    addr = ctypes.addressof(bitmap) if bitmap_addr is None else bitmap_addr
+    log = abi.kvm_dirty_log(slot_field(slot, as_id), 0, addr)
     rc = ioctl(vm, abi.KVM_GET_DIRTY_LOG, log)
-    return int(bitmap[0]) if rc == 0 else rc
+    return int(bitmap[0]) if rc == 0 and bitmap_addr is None else rc
 
 
 def in_child(fn):
@@ -189,6 +192,13 @@ class Backend:
         mm = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                        mmap.PROT_READ | mmap.PROT_WRITE)
         return self._keep(mm, size)
+
+    def readonly(self, size):
+        """memfd memory mapped, then made read-only (mprotect)."""
+        addr = self.memfd(size)
+        if _libc.mprotect(ctypes.c_void_p(addr), ctypes.c_size_t(size), mmap.PROT_READ) < 0:
+            raise OSError(ctypes.get_errno(), "mprotect")
+        return addr
 
     def unmapped(self, size):
         """A page-aligned user address with nothing mapped there (just unmapped)."""
@@ -407,6 +417,15 @@ _add("check-extension-x86-smm", _check_extension(abi.KVM_CAP_X86_SMM), (1, 1),
 
 
 # --- VM fd ------------------------------------------------------------------------------
+@case(("EFAULT", "EFAULT", "EFAULT"))
+def vm_ioctl_null_struct_pointer(b):
+    """A pointer-argument ioctl given NULL or a kernel address -> EFAULT (spec 3.2, 12)."""
+    vm = b.vm()
+    return (ioctl(vm, abi.KVM_SET_USER_MEMORY_REGION, 0),
+            ioctl(vm, abi.KVM_GET_DIRTY_LOG, 0),
+            ioctl(vm, abi.KVM_SET_IDENTITY_MAP_ADDR, KERNEL_HVA))
+
+
 @case("ENOTTY")
 def vm_unknown_ioctl(b):
     """An unknown ioctl on a VM fd -> ENOTTY (spec 3.2)."""
@@ -515,8 +534,12 @@ class Slots:
         return set_memslot(self.vm, slot, gpa, size, self.hva if hva is None else hva, flags,
                            as_id=self.as_id if as_id is None else as_id, v=self.v, **kw)
 
-    def log(self, slot, as_id=None):
-        return get_dirty_log(self.vm, slot, self.as_id if as_id is None else as_id)
+    def host_write(self, offset, size):
+        """Store into the slot memory from the host side (never dirty-logged, spec 8.1)."""
+        ctypes.memset(self.hva + offset, 0x5A, size)
+
+    def log(self, slot, as_id=None, bitmap_addr=None):
+        return get_dirty_log(self.vm, slot, self.as_id if as_id is None else as_id, bitmap_addr)
 
 
 LOG = abi.KVM_MEM_LOG_DIRTY_PAGES
@@ -595,9 +618,17 @@ MEMSLOT_RULES = {
     "dirty-log-absent-slot": (("ENOENT",), lambda s: (s.log(7),)),
     "dirty-log-fresh-slot": ((0, 0), lambda s: (s.set(0, 0, 4 * PAGE, flags=LOG), s.log(0))),
     "dirty-log-id-32764": (("EINVAL",), lambda s: (s.log(32764),)),
+    "dirty-log-host-writes-not-logged": (
+        (0, 0), lambda s: (s.set(0, 0, 4 * PAGE, flags=LOG), s.host_write(0, 4 * PAGE),
+                           s.log(0))[::2]),
+    "dirty-log-bitmap-unwritable": (
+        (0, "EFAULT", "EFAULT", "EFAULT"),
+        lambda s: (s.set(0, 0, 4 * PAGE, flags=LOG), s.log(0, bitmap_addr=0),
+                   s.log(0, bitmap_addr=s.b.readonly(PAGE)), s.log(0, bitmap_addr=KERNEL_HVA))),
 }
 CONTROL_SLOT = 9   # slot id and gpa (1 GiB) no rule above uses
-V1_ONLY = {"dirty-log-not-logging", "dirty-log-absent-slot", "dirty-log-id-32764"}
+V1_ONLY = {"dirty-log-not-logging", "dirty-log-absent-slot", "dirty-log-id-32764",
+           "dirty-log-host-writes-not-logged", "dirty-log-bitmap-unwritable"}
 
 
 def _memslot_case(name, expect, rule, as_id, v):
