@@ -184,6 +184,7 @@ struct kvmfs_spte_info {
 #define KVMFS_SPTE_X 2
 #define KVMFS_SPTE_A 4
 #define KVMFS_SPTE_D 8
+/* Fills up to max records; returns the total number of sptes. */
 int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max);
 
 struct kvmfs_mmu_stats {

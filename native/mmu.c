@@ -34,10 +34,12 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kvmfs_internal.h"
 
 #define SPTE_CHUNK 4096
+#define FLUSH_REKICK_NS 2000000     /* 2 ms: re-kick a vCPU that has not acked */
 #define UPHYS_BASE (1ull << 40)
 #define UPHYS_LIMIT (1ull << 51)
 #define MAX_GFN ((1ull << (52 - PAGE_SHIFT)) - 1) /* x86 MAXPHYADDR 52 */
@@ -326,17 +328,14 @@ static void spte_drop(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx)
 	mmu->stats.zaps++;
 }
 
-/* Drop every spte of a slot; returns whether a flush is needed. */
-static bool zap_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s)
+/* Drop every spte of a slot (the caller flushes). */
+static void zap_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s)
 {
-	bool any = s->nsptes != 0;
-
 	for (uint64_t i = 0; s->nsptes && i < s->npages; i++)
 		if (s->sptes[i])
 			spte_drop(mmu, s, i);
 	free(s->sptes);
 	s->sptes = NULL;
-	return any;
 }
 
 bool kvmfs_mmu_wp_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s)
@@ -424,16 +423,37 @@ void kvmfs_mmu_flush_remote(kvmfs_mmu *mmu)
 			c->kick(c->opaque);
 		}
 	}
-	do {
+	for (int rounds = 0;; rounds++) {
+		struct timespec ts;
+
 		wait = false;
 		for (int i = 0; i < mmu->nclients; i++) {
 			struct kvmfs_flush_client *c = mmu->clients[i];
-			if (c->in_guest && c->acked_gen < gen)
-				wait = true;
+			if (!c->in_guest || c->acked_gen >= gen)
+				continue;
+			wait = true;
+			/*
+			 * Still pending after a wait: kick again.  A kick that lands
+			 * between the vCPU's last flush check and the start of the
+			 * emulator is lost (uc_emu_start clears the stop request),
+			 * and without this a guest that never exits would hold the
+			 * zapper forever.
+			 */
+			if (rounds && c->kick) {
+				mmu->stats.kicks++;
+				c->kick(c->opaque);
+			}
 		}
-		if (wait)
-			pthread_cond_wait(&mmu->flush_cv, &mmu->lock);
-	} while (wait);
+		if (!wait)
+			break;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += FLUSH_REKICK_NS;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&mmu->flush_cv, &mmu->lock, &ts);
+	}
 }
 
 void kvmfs_mmu_attach(kvmfs_mmu *mmu, struct kvmfs_flush_client *c)
@@ -623,14 +643,22 @@ int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flag
 		as->by_id[id] = s;
 		break;
 	case KVMFS_MR_DELETE:
-		/* invalidate first: a later access to the gpa becomes MMIO */
-		flush = zap_slot(mmu, old);
+		/*
+		 * Invalidate first: a later access to the gpa becomes MMIO.  The
+		 * flush is unconditional: a TLB entry may come from a guest walk
+		 * through page tables in this slot, which left no spte here (on
+		 * hardware the walk would have needed an EPT entry that the zap
+		 * removes).
+		 */
+		zap_slot(mmu, old);
+		flush = true;
 		sorted_remove(as, old);
 		as->by_id[id] = NULL;
 		slot_free(old);
 		break;
 	case KVMFS_MR_MOVE:
-		flush = zap_slot(mmu, old);
+		zap_slot(mmu, old);
+		flush = true;           /* as for DELETE */
 		sorted_remove(as, old);
 		old->base_gfn = base;
 		sorted_insert(as, old); /* it just left the array: room is there */
@@ -743,8 +771,10 @@ int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void **ptr
 		while (h->sptes) {
 			struct kvmfs_spte *sp = h->sptes;
 			spte_drop(mmu, sp->slot, sp->gfn - sp->slot->base_gfn);
-			flush = true;
 		}
+		/* unconditional, as for a slot DELETE: guest walks read page
+		 * tables here without leaving sptes */
+		flush = true;
 		ptrs[removed] = h->ptr;
 		sizes[removed] = h->size;
 		removed++;
