@@ -60,7 +60,7 @@ static bool reprotect_word(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t w, uin
 int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
 {
 	struct kvmfs_slot *s;
-	uint64_t words, *o = out;
+	uint64_t words;
 	bool flush = false;
 
 	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
@@ -80,8 +80,8 @@ int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, 
 	/* with manual protection GET only reports (spec 8.1); else harvest */
 	if (!(mmu->manual_protect & KVMFS_MANUAL_ENABLE) && s->dirty_count) {
 		for (uint64_t w = 0; w < words; w++)
-			if (o[w])
-				flush |= reprotect_word(mmu, s, w, o[w]);
+			if (s->dirty[w])
+				flush |= reprotect_word(mmu, s, w, s->dirty[w]);
 	}
 	if (flush)
 		kvmfs_mmu_flush_remote(mmu);

@@ -139,6 +139,16 @@ int kvmfs_hostmem_list(kvmfs_mmu *mmu, struct kvmfs_hostmem_info *out, int max);
  * kick(opaque) for each attached client whose acked generation is older and
  * which is inside the emulator, and waits until each acknowledges with
  * kvmfs_mmu_ack_flush() (the vCPU flushes its unicorn TLB, then acks).
+ * The vCPU's side, in its own thread:
+ *   1. kvmfs_mmu_attach() once; kvmfs_mmu_enter() before it may use its TLB;
+ *   2. before every uc_emu_start(): g = kvmfs_mmu_flush_gen(); if g >
+ *      c->acked_gen, flush the whole unicorn TLB, then kvmfs_mmu_ack_flush(g)
+ *      (read g before flushing, so a newer zap is never acked by mistake);
+ *   3. kvmfs_mmu_leave() before returning from KVM_RUN (and before anything
+ *      that may wait for another thread); kvmfs_mmu_detach() before freeing.
+ * kick() is called with the mmu lock held: it must only stop the emulator
+ * (uc_emu_stop), never call into the mmu.  A zapper re-kicks every 2 ms while
+ * an ack is missing, so a kick lost before uc_emu_start does no harm.
  */
 struct kvmfs_flush_client {
 	void (*kick)(void *opaque);
