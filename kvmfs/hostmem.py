@@ -71,6 +71,7 @@ class HostMemory:
         self.mmu = mmu
         self.pid = pid
         self.maps = {}          # hva start -> (mmap object, size)
+        self.allocated = set()  # starts of the ranges kvmfs allocated itself
 
     def resolve(self, hva, what):
         """Map the VMA holding hva and register it with the MMU.
@@ -132,7 +133,11 @@ class HostMemory:
             mapping.close()
             raise KvmError(-rc, "allocate guest memory", f"{size} bytes")
         self.maps[addr] = (mapping, size)
+        self.allocated.add(addr)
         return addr
+
+    def allocated_by_kvmfs(self, hva):
+        return any(s <= hva < s + self.maps[s][1] for s in self.allocated if s in self.maps)
 
     def invalidate(self, hva, size):
         """MMU-notifier invalidation: zap and unmap what lies in [hva, hva+size)."""

@@ -74,9 +74,12 @@ def slot_rows(vm):
     for as_id in range(abi.KVM_ADDRESS_SPACE_NUM):
         for s in vm.slots(as_id):
             size = s.npages << abi.PAGE_SHIFT
-            vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
-            backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
-                " shared" if vma.perms[3] == "s" else " private")
+            if vm.hostmem.allocated_by_kvmfs(s.userspace_addr):
+                backing = "kvmfs-allocated shared"
+            else:
+                vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
+                backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
+                    " shared" if vma.perms[3] == "s" else " private")
             rows.append({"as": s.as_id, "slot": s.id, "gpa_start": s.base_gfn << abi.PAGE_SHIFT,
                          "gpa_end": ((s.base_gfn + s.npages) << abi.PAGE_SHIFT) - 1, "size": size,
                          "flags": flags_text(s.flags), "hva": s.userspace_addr,
