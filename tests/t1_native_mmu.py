@@ -258,6 +258,28 @@ def test_hostmem_remove_zaps(mmu):
     assert stats(mmu).notifier_calls == 1
 
 
+def test_hostmem_remove_in_batches(mmu):
+    """At most max ranges go per call; the caller repeats while it gets max."""
+    ms = [HostMem(mmu, PAGE) for _ in range(5)]
+    lo = min(m.hva for m in ms)
+    hi = max(m.hva for m in ms) + PAGE
+    for i, m in enumerate(ms):
+        assert mset(mmu, i, i * PAGE, PAGE, m.hva) == lib.KVMFS_MR_CREATE
+        assert xl(mmu, i * PAGE).kind == lib.KVMFS_XL_OK
+    sp = ffi.new("struct kvmfs_spte_info[]", 5)
+    assert lib.kvmfs_mmu_list_sptes(mmu, sp, 5) == 5
+    assert {(sp[i].gfn, sp[i].hva) for i in range(5)} == {(i, m.hva) for i, m in enumerate(ms)}
+    ptrs, sizes = ffi.new("void *[]", 2), ffi.new("uint64_t[]", 2)
+    got = []
+    while True:
+        n = lib.kvmfs_hostmem_remove(mmu, lo, hi - lo, ptrs, sizes, 2)
+        got += [int(ffi.cast("uintptr_t", ptrs[i])) for i in range(n)]
+        if n < 2:
+            break
+    assert sorted(got) == sorted(m.hva for m in ms)
+    assert sptes(mmu) == {}
+
+
 # ---------------------------------------------------- translate, no paging --
 
 def test_translate_flat(mmu):
@@ -589,9 +611,13 @@ def test_manual_protect_initially_set(mmu):
     assert xl(mmu, 5 * PAGE, READ).perms == R_ | X_
     xl(mmu, 5 * PAGE, WRITE)
     assert dirty(mmu, 0, 16) == 0xF020
+    assert mset(mmu, 2, 0x200000, 100 * PAGE, a.hva, LOG) == lib.KVMFS_MR_CREATE
+    assert dirty(mmu, 2, 100) == (1 << 100) - 1                  # only the slot's own pages
     lib.kvmfs_dirty_set_manual_protect(mmu, 1)
     assert mset(mmu, 1, 0x100000, 100 * PAGE, a.hva, LOG) == lib.KVMFS_MR_CREATE
     assert dirty(mmu, 1, 100) == 0
+    assert lib.kvmfs_dirty_get_log(mmu, 0, 1, ffi.new("char[]", 8), 8) == -errno.EINVAL  # short buffer
+    assert lib.kvmfs_dirty_peek(mmu, 0, 7, ffi.new("char[]", 8), 8) == -errno.ENOENT
 
 
 def test_page_table_ad_update_marks_dirty(mmu):
