@@ -910,6 +910,7 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 		return -EINVAL;
 	out->kind = KVMFS_XL_OK;
 	out->perms = 0;
+	out->gpa = out->hva = 0;
 	pthread_mutex_lock(&mmu->lock);
 	mmu->stats.fills++;
 
