@@ -317,4 +317,35 @@ static inline int kvmfs_set_memslot(int vm_fd, unsigned as_id, unsigned slot, un
 	return ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r);
 }
 
+/*
+ * MMU-notifier invalidation: tell kvmfs that [hva, hva+size) of this process is
+ * about to be (or was) munmap'ed, mremap'ed or madvise(DONTNEED)'ed, so it zaps
+ * the guest mappings of it and resolves the range again on next use (the kernel
+ * does this by itself for /dev/kvm).  No-op returning 0 on real KVM.
+ */
+static inline int kvmfs_invalidate(int vm_fd, void *hva, size_t size)
+{
+	char dir[PATH_MAX], line[96];
+	int fd, n, saved, kvmfs = kvmfs_is_kvmfs_fd(vm_fd);
+
+	if (kvmfs <= 0)
+		return kvmfs;
+	if (kvmfs_vm_dir(vm_fd, dir, sizeof(dir)) < 0)
+		return -1;
+	if (strlen(dir) + sizeof("/cmd") > sizeof(dir)) {
+		errno = ENAMETOOLONG;
+		return -1;
+	}
+	strcat(dir, "/cmd");
+	fd = open(dir, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -1;
+	n = snprintf(line, sizeof(line), "invalidate 0x%lx 0x%zx\n", (unsigned long)hva, size);
+	n = (int)write(fd, line, (size_t)n) == n ? 0 : -1;
+	saved = errno;
+	close(fd);
+	errno = saved;
+	return n;
+}
+
 #endif /* KVMFS_H */

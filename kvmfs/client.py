@@ -161,7 +161,18 @@ class Vm:
         c = abi.kvm_clear_dirty_log(slot, num_pages, first_page, ctypes.addressof(words))
         return ioctl(self.fd, abi.KVM_CLEAR_DIRTY_LOG, c)
 
-    # kvmfs only: guest-physical memory as a file
+    # kvmfs only: MMU-notifier invalidation and guest-physical memory as a file
+    def invalidate(self, hva, size):
+        """Before munmap/mremap/madvise(DONTNEED) of guest memory: kvmfs forgets the range."""
+        if self.dir is not None:
+            with open(os.path.join(self.dir, "cmd"), "w") as f:
+                f.write(f"invalidate 0x{hva:x} 0x{size:x}\n")
+
+    def close_memory(self, mem):
+        """Invalidate, then release GuestMemory (what a VMM does before munmap)."""
+        self.invalidate(mem.address, mem.size)
+        mem.close()
+
     def read_gpa(self, gpa, size, as_id=0):
         with open(os.path.join(self.dir, "as1/mem" if as_id else "mem"), "rb", buffering=0) as f:
             return os.pread(f.fileno(), size, gpa)

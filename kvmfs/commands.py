@@ -138,13 +138,21 @@ def vm_set_tss_addr(vm, ctx, addr):
     return "ok\n"
 
 
+def vm_invalidate(vm, ctx, hva, size):
+    """invalidate HVA SIZE: the VMM unmapped or replaced this range (an MMU-notifier call)"""
+    vm.hostmem.invalidate(_int(hva), _int(size))
+    vm.counters["notifier_invalidations"] = vm.counters.get("notifier_invalidations", 0) + 1
+    return "ok\n"
+
+
 def vm_memslots(vm, ctx):
     return views.render_memslots(vm)
 
 
 VM_COMMANDS = {"create_vcpu": vm_create_vcpu, "set_user_memory_region": vm_set_user_memory_region,
                "get_dirty_log": vm_get_dirty_log, "enable_cap": vm_enable_cap,
-               "set_tss_addr": vm_set_tss_addr, "memslots": vm_memslots}
+               "set_tss_addr": vm_set_tss_addr, "memslots": vm_memslots,
+               "invalidate": vm_invalidate}
 
 
 # --- vCPU --------------------------------------------------------------------------

@@ -202,3 +202,22 @@ def test_unknown_paths_and_views_are_read_only(mounted, kvm):
         open(os.path.join(vm.dir, "info", "memslots"), "w")
     assert e.value.errno == errno.EACCES
     vm.close()
+
+
+def test_invalidation_forgets_unmapped_memory(mounted, kvm):
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(MiB)
+    vm.set_user_memory_region(0, 0, 0, MiB, mem.address)
+    vm.write_gpa(0, b"before")
+    assert mem.map[0:6] == b"before"
+    vm.close_memory(mem)                    # invalidate, then munmap: the daemon lets go too
+    with pytest.raises(OSError) as e:
+        vm.read_gpa(0, 6)                   # nothing mapped at the hva any more
+    assert e.value.errno == errno.EFAULT
+    again = alloc_guest_memory(MiB)         # a VMM maps new memory and moves the slot onto it
+    vm.set_user_memory_region(0, 0, 0, 0, 0)
+    vm.set_user_memory_region(0, 0, 0, MiB, again.address)
+    again.map[0:5] = b"after"
+    assert vm.read_gpa(0, 5) == b"after"
+    assert "notifier_invalidations: 1" in vm.info("stats")
+    vm.close()
