@@ -66,7 +66,8 @@ uint64_t kvmfs_memslot_generation(kvmfs_mmu *mmu);
 int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
 /*
  * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
- * (all vCPUs' TLBs flushed before return) and forget the ranges inside it.
+ * (all vCPUs' TLBs flushed before return) and forget the ranges it touches
+ * (a range that overlaps it at all goes whole; at most max per call).
  * Returns the number of ranges removed; *ptrs and *sizes (up to max) get
  * their daemon mappings so the caller can munmap them.
  */

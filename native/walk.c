@@ -13,7 +13,10 @@
  * (only with EFER.NXE; bit 63 set without NXE is a reserved-bit fault).
  * Supervisor writes ignore R/W unless CR0.WP; CR4.SMEP forbids supervisor
  * fetches from user pages.  SMAP is not modelled (the walker does not see
- * RFLAGS.AC).  PDPTEs are read at each walk (hardware caches them at CR3
+ * RFLAGS.AC), and the only reserved bits checked are NX without NXE and PS
+ * above the 1 GiB level (address bits above MAXPHYADDR are taken as given).
+ * The CPL is the caller's: unicorn's fill hook does not say whether an
+ * access is an implicit supervisor one (IDT, GDT, TSS at CPL 3).  PDPTEs are read at each walk (hardware caches them at CR3
  * load) and carry no rights or A bit.
  *
  * Accessed/dirty: after a successful walk, A is set in every entry used and D
