@@ -1,0 +1,1472 @@
+/*
+ * vcpu.c - one vCPU: a unicorn x86-64 engine in UC_TLB_VIRTUAL mode driven
+ * from C in the thread that serves KVM_RUN.
+ *
+ * What unicorn does and does not do (measured with unicorn 2.1.4, see
+ * tests/t3_vcpu.py and the notes below):
+ *  - uc_emu_stop() from an IN/OUT hook only takes effect at the end of the
+ *    translation block: in `out; inc eax; out; hlt` both OUTs, the INC and the
+ *    HLT all run.  A UC_HOOK_CODE hook makes unicorn test the stop request
+ *    before every instruction it covers, so the vCPU keeps one code hook over
+ *    all addresses: every stop (IO, MMIO, kick, flush, single-step, interrupt
+ *    window) is then precise.  Its cost is the compute-speed figure reported
+ *    by the benchmark (~140 M instr/s instead of ~1-2.7 G).
+ *  - A TLB-fill hook that returns false raises an exception whose state is
+ *    restored to the start of the faulting instruction (UC_ERR_EXCEPTION):
+ *    page faults, MMIO, NEED_HVA and EFAULT all use it.
+ *  - HLT ends uc_emu_start with UC_ERR_OK and RIP after the HLT.
+ *  - Interrupts and exceptions are not delivered through the guest's IVT/IDT:
+ *    UC_HOOK_INTR reports the vector (RIP = faulting instruction, or the next
+ *    one for INT n) and #UD ends the run with UC_ERR_INSN_INVALID.  Delivery
+ *    is done here (deliver_event).
+ *  - Segment hidden state (base/limit/flags of CS..GS, hflags) is not exposed
+ *    by the API; a uc_context holds a copy of QEMU's CPUX86State at a fixed
+ *    offset, so sregs and event delivery edit that copy and restore it.  The
+ *    offsets are checked against marker values when the vCPU is created.
+ *
+ * MMIO: a refused fill for an MMIO gpa stops the guest on the instruction;
+ * the instruction is then executed alone with the MMIO pages mapped to a
+ * window of uc_mmio_map callbacks.  A read whose data the VMM has not given
+ * yet aborts the step (context restored, KVM_EXIT_MMIO read); the data given
+ * on the next KVM_RUN is replayed when the instruction runs again, so RMW and
+ * multi-access forms (push [mmio], add [mmio],eax, movs) complete exactly once.
+ *
+ * Threading: kvmfs_vcpu_run runs in the caller's thread; everything else but
+ * kvmfs_vcpu_kick must not run concurrently with it (Python serialises vCPU
+ * ioctls per vCPU).  kick is async-signal-safe and may come from any thread.
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unicorn/unicorn.h>
+
+#include "kvmfs_internal.h"
+
+#define ENV_OFF 40                    /* CPUX86State inside a uc_context */
+#define E_RIP 128
+#define E_RFLAGS 136
+#define E_HFLAGS 176
+#define E_SEGS 184                    /* es cs ss ds fs gs, 24 bytes each */
+#define E_LDT 328
+#define E_TR 352
+#define E_GDT 376
+#define E_IDT 400
+#define E_CR 424
+#define E_EFER 592
+
+#define R_ES 0
+#define R_CS 1
+#define R_SS 2
+#define R_DS 3
+#define R_FS 4
+#define R_GS 5
+
+#define HF_CPL_MASK 3u
+#define HF_INHIBIT_IRQ (1u << 3)
+#define HF_CS32 (1u << 4)
+#define HF_SS32 (1u << 5)
+#define HF_ADDSEG (1u << 6)
+#define HF_PE (1u << 7)
+#define HF_MP_EM_TS (7u << 9)
+#define HF_LMA (1u << 14)
+#define HF_CS64 (1u << 15)
+#define HF_OSFXSR (1u << 22)
+
+#define DESC_TYPE_SHIFT 8
+#define DESC_S (1u << 12)
+#define DESC_DPL_SHIFT 13
+#define DESC_P (1u << 15)
+#define DESC_AVL (1u << 20)
+#define DESC_L (1u << 21)
+#define DESC_B (1u << 22)
+#define DESC_G (1u << 23)
+#define DESC_UNUSABLE 1u              /* kvmfs-private bit (QEMU ignores flags[7:0]) */
+
+#define CR0_PE 1ull
+#define CR0_PG (1ull << 31)
+#define CR4_PAE (1ull << 5)
+#define EFER_LME (1ull << 8)
+#define EFER_LMA (1ull << 10)
+#define RF_TF (1ull << 8)
+#define RF_IF (1ull << 9)
+#define RF_NT (1ull << 14)
+#define RF_RF (1ull << 16)
+#define RF_VM (1ull << 17)
+#define RF_AC (1ull << 18)
+
+#define WIN_BASE (1ull << 39)         /* unicorn-physical MMIO window */
+#define WIN_PAGES 16
+#define MAX_MMIO_ACC 8
+#define UNTIL_NEVER 0xfffffffffffff000ull
+
+/* attention bits: any set makes the code hook look (and usually stop) */
+#define ATTN_KICK 1
+#define ATTN_FLUSH 2
+#define ATTN_STEP 4
+#define ATTN_WATCH_IF 8
+
+/* why the last emulation slice ended (set by hooks) */
+enum stop_why { WHY_NONE, WHY_OUT, WHY_IN, WHY_FILL, WHY_INTR, WHY_STEP, WHY_IFOPEN };
+
+/* what the next KVM_RUN must complete first */
+enum pending { PEND_NONE, PEND_IN, PEND_MMIO_READ };
+
+struct mmio_acc { uint64_t gpa; uint32_t len; uint64_t data; };
+
+struct kvmfs_vcpu {
+	uc_engine *uc;
+	kvmfs_mmu *mmu;
+	uint32_t id;
+	struct kvm_run *run;
+	struct kvmfs_flush_client fc;
+	uc_context *ctx, *ctx_step;
+	volatile int attn;
+	volatile int in_emu;
+
+	/* host ranges mapped into this engine */
+	struct kvmfs_hostmem_info *hm;
+	uint64_t *hm_mapped;              /* size mapped per index (0 = none) */
+	int hm_cap, hm_n;
+	uint64_t uphys_end;               /* end of the highest mapped range */
+
+	/* last slice */
+	int why;
+	struct kvmfs_xlate fx;            /* refused fill */
+	uint64_t fill_vaddr;
+	int fill_access;
+	bool fill_remap;
+	uint32_t intno;
+	uint64_t intr_rip;
+	int step_left;
+	uint64_t cur_pc;
+
+	/* port I/O */
+	int pending;
+	uint32_t pio_avail, pio_idx, pio_size;
+	uint64_t saved_rax, saved_rip, saved_rcx, saved_rdi;
+	bool saved_string;
+
+	/* MMIO single-step */
+	bool mmio_step;
+	uint64_t win_gpa[WIN_PAGES];
+	int win_next;
+	struct mmio_acc reads[MAX_MMIO_ACC];
+	int nreads, reads_used;
+	bool read_missing;
+	struct mmio_acc miss;
+	struct mmio_acc writes[MAX_MMIO_ACC];
+	int nwrites, writes_reported;
+
+	/* events */
+	bool irq_pending;
+	uint32_t irq;
+	bool shutdown;
+	bool shadow;                      /* interrupt shadow after STI seen by the watch */
+	uint32_t debug_ctl;
+	uint64_t miss_hva;
+
+	/* registers kept outside the engine */
+	uint64_t cr8, apic_base, tsc_offset;
+	struct kvmfs_vcpu_stats stats;
+};
+
+static __thread kvmfs_vcpu *cur_vcpu;
+
+/* ----------------------------------------------------------- env access -- */
+
+static inline uint8_t *env(kvmfs_vcpu *v) { return (uint8_t *)v->ctx + ENV_OFF; }
+#define ENV64(v, off) (*(uint64_t *)(env(v) + (off)))
+#define ENV32(v, off) (*(uint32_t *)(env(v) + (off)))
+
+struct segc { uint32_t selector; uint32_t pad; uint64_t base; uint32_t limit; uint32_t flags; };
+static inline struct segc *seg(kvmfs_vcpu *v, int r) { return (struct segc *)(env(v) + E_SEGS + 24 * r); }
+static inline struct segc *segat(kvmfs_vcpu *v, int off) { return (struct segc *)(env(v) + off); }
+
+static void env_load(kvmfs_vcpu *v) { uc_context_save(v->uc, v->ctx); }
+
+/* Recompute the hflags QEMU derives from segments and control registers. */
+static void env_fix_hflags(kvmfs_vcpu *v)
+{
+	uint32_t hf = ENV32(v, E_HFLAGS);
+	uint64_t cr0 = ENV64(v, E_CR), cr4 = ENV64(v, E_CR + 32), efer = ENV64(v, E_EFER);
+	uint64_t rfl = ENV64(v, E_RFLAGS);
+	struct segc *cs = seg(v, R_CS), *ss = seg(v, R_SS);
+
+	hf &= ~(HF_CPL_MASK | HF_CS32 | HF_SS32 | HF_ADDSEG | HF_PE | HF_MP_EM_TS | HF_LMA |
+		HF_CS64 | HF_OSFXSR);
+	if (cr0 & CR0_PE)
+		hf |= HF_PE;
+	hf |= (uint32_t)(cr0 << 8) & HF_MP_EM_TS;
+	if (cr4 & (1u << 9))
+		hf |= HF_OSFXSR;
+	if (efer & EFER_LMA)
+		hf |= HF_LMA;
+	if ((cr0 & CR0_PE) && !(rfl & RF_VM))
+		hf |= (ss->flags >> DESC_DPL_SHIFT) & 3;
+	else if (rfl & RF_VM)
+		hf |= 3;
+	if ((efer & EFER_LMA) && (cs->flags & DESC_L)) {
+		hf |= HF_CS32 | HF_SS32 | HF_CS64;
+	} else {
+		if (cs->flags & DESC_B)
+			hf |= HF_CS32;
+		if (ss->flags & DESC_B)
+			hf |= HF_SS32;
+	}
+	if (!(hf & HF_CS64)) {
+		if (!(cr0 & CR0_PE) || (rfl & RF_VM) || !(hf & HF_CS32))
+			hf |= HF_ADDSEG;
+		else if (seg(v, R_DS)->base | seg(v, R_ES)->base | ss->base)
+			hf |= HF_ADDSEG;
+	}
+	ENV32(v, E_HFLAGS) = hf;
+}
+
+static void env_store(kvmfs_vcpu *v)
+{
+	env_fix_hflags(v);
+	uc_context_restore(v->uc, v->ctx);
+	uc_ctl_flush_tlb(v->uc);
+}
+
+static uint64_t rreg(kvmfs_vcpu *v, int r) { uint64_t x = 0; uc_reg_read(v->uc, r, &x); return x; }
+static void wreg(kvmfs_vcpu *v, int r, uint64_t x) { uc_reg_write(v->uc, r, &x); }
+
+/* Check once that the CPUX86State offsets above match the loaded library. */
+static int env_selfcheck(kvmfs_vcpu *v)
+{
+	uint64_t m1 = 0x1122334455667788ull, m2 = 0x2132435465768798ull;
+	uc_x86_mmr g = { 0, 0x3142536475869700ull, 0x1234, 0 };
+
+	wreg(v, UC_X86_REG_RAX, m1);
+	wreg(v, UC_X86_REG_FS_BASE, m2);
+	uc_reg_write(v->uc, UC_X86_REG_GDTR, &g);
+	env_load(v);
+	if (ENV64(v, 0) != m1 || seg(v, R_FS)->base != m2 || segat(v, E_GDT)->base != g.base)
+		return -ENOSYS;
+	wreg(v, UC_X86_REG_RAX, 0);
+	return 0;
+}
+
+/* -------------------------------------------------------- guest memory -- */
+
+static void paging_now(kvmfs_vcpu *v, struct kvmfs_paging *pg, int cpl)
+{
+	pg->cr0 = rreg(v, UC_X86_REG_CR0);
+	pg->cr3 = rreg(v, UC_X86_REG_CR3);
+	pg->cr4 = rreg(v, UC_X86_REG_CR4);
+	uc_x86_msr m = { 0xC0000080, 0 };
+	uc_reg_read(v->uc, UC_X86_REG_MSR, &m);
+	pg->efer = m.value;
+	if (cpl < 0)
+		cpl = (pg->cr0 & CR0_PE) ? (int)(rreg(v, UC_X86_REG_CS) & 3) : 0;
+	pg->cpl = cpl;
+	pg->as_id = 0;
+}
+
+/* Copy to/from guest-linear memory as a supervisor access.  Returns 0, or the
+ * KVMFS_XL_* kind that stopped it (xl filled). */
+static int gmem(kvmfs_vcpu *v, uint64_t la, void *buf, uint32_t len, bool write,
+		struct kvmfs_xlate *xl)
+{
+	struct kvmfs_paging pg;
+	uint8_t *p = buf;
+
+	paging_now(v, &pg, 0);
+	while (len) {
+		uint32_t off = la & 0xfff, n = 4096 - off;
+		if (n > len)
+			n = len;
+		kvmfs_mmu_translate(v->mmu, &pg, la & ~0xfffull,
+				    write ? KVMFS_ACC_WRITE : KVMFS_ACC_READ, xl);
+		if (xl->kind != KVMFS_XL_OK)
+			return xl->kind ? xl->kind : -1;
+		if (write)
+			memcpy((uint8_t *)xl->host + off, p, n);
+		else
+			memcpy(p, (uint8_t *)xl->host + off, n);
+		la += n;
+		p += n;
+		len -= n;
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------ host ranges -- */
+
+static int map_hostmem(kvmfs_vcpu *v)
+{
+	int n = kvmfs_hostmem_list(v->mmu, v->hm, v->hm_cap);
+	if (n > v->hm_cap) {
+		int cap = n * 2;
+		void *a = realloc(v->hm, cap * sizeof(*v->hm));
+		if (!a)
+			return -ENOMEM;
+		v->hm = a;
+		a = realloc(v->hm_mapped, cap * sizeof(uint64_t));
+		if (!a)
+			return -ENOMEM;
+		v->hm_mapped = a;
+		memset(v->hm_mapped + v->hm_cap, 0, (cap - v->hm_cap) * sizeof(uint64_t));
+		v->hm_cap = cap;
+		n = kvmfs_hostmem_list(v->mmu, v->hm, v->hm_cap);
+	}
+	for (int i = 0; i < n && i < v->hm_cap; i++) {
+		struct kvmfs_hostmem_info *h = &v->hm[i];
+		if (h->size && !v->hm_mapped[i]) {
+			if (uc_mem_map_ptr(v->uc, h->uphys, h->size, UC_PROT_ALL, h->ptr))
+				return -ENOMEM;
+			v->hm_mapped[i] = h->size;
+			if (h->uphys + h->size > v->uphys_end)
+				v->uphys_end = h->uphys + h->size;
+		} else if (!h->size && v->hm_mapped[i]) {
+			uc_mem_unmap(v->uc, h->uphys, v->hm_mapped[i]);
+			v->hm_mapped[i] = 0;
+		}
+	}
+	v->hm_n = n;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ hooks -- */
+
+static bool tlb_fill(uc_engine *uc, uint64_t va, uc_mem_type type, uc_tlb_entry *e, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+	struct kvmfs_paging pg;
+	int acc = type == UC_MEM_WRITE ? KVMFS_ACC_WRITE :
+		  type == UC_MEM_FETCH ? KVMFS_ACC_FETCH : KVMFS_ACC_READ;
+	struct kvmfs_xlate xl;
+
+	paging_now(v, &pg, -1);
+	kvmfs_mmu_translate(v->mmu, &pg, va, acc, &xl);
+	if (xl.kind == KVMFS_XL_OK) {
+		if (xl.uphys >= v->uphys_end) {
+			v->fill_remap = true;     /* a range added while running */
+			goto refuse;
+		}
+		e->paddr = xl.uphys;
+		e->perms = xl.perms;
+		return true;
+	}
+	if (xl.kind == KVMFS_XL_MMIO && v->mmio_step && acc != KVMFS_ACC_FETCH) {
+		int i = v->win_next++ % WIN_PAGES;
+		v->win_gpa[i] = xl.gpa & ~0xfffull;
+		e->paddr = WIN_BASE + (uint64_t)i * 4096;
+		e->perms = UC_PROT_READ | UC_PROT_WRITE;
+		return true;
+	}
+refuse:
+	v->fx = xl;
+	v->fill_vaddr = va;
+	v->fill_access = acc;
+	v->why = WHY_FILL;
+	return false;
+}
+
+static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+
+	v->cur_pc = addr;
+	if (__builtin_expect(!v->attn, 1))
+		return;
+	int a = v->attn;
+	if (a & (ATTN_KICK | ATTN_FLUSH)) {
+		uc_emu_stop(uc);
+		return;
+	}
+	if (a & ATTN_STEP) {
+		if (v->step_left-- <= 0) {
+			if (v->why == WHY_NONE)
+				v->why = WHY_STEP;
+			uc_emu_stop(uc);
+			return;
+		}
+	}
+	if (a & ATTN_WATCH_IF) {
+		uint64_t fl = rreg(v, UC_X86_REG_EFLAGS);
+		if (fl & RF_IF) {
+			if (!v->shadow) {
+				v->shadow = true;   /* one more instruction: STI shadow */
+			} else {
+				v->why = WHY_IFOPEN;
+				uc_emu_stop(uc);
+			}
+		}
+	}
+}
+
+static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+	struct kvm_run *run = v->run;
+
+	if (v->why != WHY_NONE)
+		return;
+	run->io.direction = 1;
+	run->io.size = size;
+	run->io.port = port;
+	run->io.count = 1;
+	run->io.data_offset = 4096;
+	memcpy((uint8_t *)run + 4096, &value, size);
+	v->why = WHY_OUT;
+	uc_emu_stop(uc);
+}
+
+/* Decode the prefixes of the instruction at the current pc: is it INS, with REP? */
+static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize)
+{
+	uint8_t b[15];
+	struct kvmfs_xlate xl;
+	*string = *rep = false;
+	*asize = 8;
+	if (gmem(v, v->cur_pc, b, sizeof b, false, &xl))
+		return;
+	for (int i = 0; i < 15; i++) {
+		uint8_t c = b[i];
+		if (c == 0xf3 || c == 0xf2) { *rep = true; continue; }
+		if (c == 0x67) { *asize = 4; continue; }
+		if (c == 0x66 || c == 0x26 || c == 0x2e || c == 0x36 || c == 0x3e ||
+		    c == 0x64 || c == 0x65 || (c >= 0x40 && c <= 0x4f))
+			continue;
+		*string = c == 0x6c || c == 0x6d;
+		return;
+	}
+}
+
+static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+	struct kvm_run *run = v->run;
+	uint32_t val = 0;
+
+	if (v->pio_avail) {
+		memcpy(&val, (uint8_t *)run + 4096 + v->pio_idx * size, size);
+		v->pio_idx++;
+		v->pio_avail--;
+		return val;
+	}
+	if (v->why != WHY_NONE)
+		return 0;
+	bool string, rep;
+	int asize;
+	decode_ins(v, &string, &rep, &asize);
+	v->saved_rip = rreg(v, UC_X86_REG_RIP);
+	v->saved_rax = rreg(v, UC_X86_REG_RAX);
+	v->saved_rcx = rreg(v, UC_X86_REG_RCX);
+	v->saved_rdi = rreg(v, UC_X86_REG_RDI);
+	v->saved_string = string;
+	uint32_t count = 1;
+	if (string && rep) {
+		uint64_t rcx = v->saved_rcx;
+		if (!(rreg(v, UC_X86_REG_CR0) & CR0_PE) || asize == 4)
+			rcx &= asize == 4 ? 0xffffffffull : 0xffffull;
+		uint64_t room = (4096 - (v->saved_rdi & 0xfff)) / size;
+		count = rcx < room ? rcx : room;
+		if (count > 1024u / size)
+			count = 1024u / size;
+		if (!count)
+			count = 1;
+	}
+	run->io.direction = 0;
+	run->io.size = size;
+	run->io.port = port;
+	run->io.count = count;
+	run->io.data_offset = 4096;
+	v->pio_size = size;
+	v->why = WHY_IN;
+	uc_emu_stop(uc);
+	return 0;
+}
+
+static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+
+	if (v->why == WHY_NONE || v->why == WHY_STEP) {
+		v->why = WHY_INTR;
+		v->intno = intno;
+		v->intr_rip = rreg(v, UC_X86_REG_RIP);
+	}
+	uc_emu_stop(uc);
+}
+
+static uint64_t win_read(uc_engine *uc, uint64_t off, unsigned size, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+	uint64_t gpa = v->win_gpa[off >> 12] + (off & 0xfff);
+
+	if (v->read_missing)
+		return 0;
+	if (v->reads_used < v->nreads) {
+		struct mmio_acc *a = &v->reads[v->reads_used++];
+		return a->data;
+	}
+	v->read_missing = true;
+	v->miss.gpa = gpa;
+	v->miss.len = size;
+	return 0;
+}
+
+static void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+
+	if (v->read_missing || v->nwrites >= MAX_MMIO_ACC)
+		return;
+	struct mmio_acc *a = &v->writes[v->nwrites++];
+	a->gpa = v->win_gpa[off >> 12] + (off & 0xfff);
+	a->len = size;
+	a->data = value;
+}
+
+/* ------------------------------------------------------------ flush client -- */
+
+static void flush_kick(void *opaque)
+{
+	kvmfs_vcpu *v = opaque;
+	__atomic_or_fetch(&v->attn, ATTN_FLUSH, __ATOMIC_SEQ_CST);
+	if (v->in_emu)
+		uc_emu_stop(v->uc);
+}
+
+static void do_flush(kvmfs_vcpu *v)
+{
+	__atomic_and_fetch(&v->attn, ~ATTN_FLUSH, __ATOMIC_SEQ_CST);
+	uint64_t gen = kvmfs_mmu_flush_gen(v->mmu);
+	uc_ctl_flush_tlb(v->uc);
+	kvmfs_mmu_ack_flush(v->mmu, &v->fc, gen);
+}
+
+/* ----------------------------------------------------------- segments -- */
+
+static uint32_t kseg_to_flags(const struct kvm_segment *s)
+{
+	return (uint32_t)(s->type & 15) << DESC_TYPE_SHIFT | (s->s ? DESC_S : 0) |
+	       (uint32_t)(s->dpl & 3) << DESC_DPL_SHIFT | (s->present ? DESC_P : 0) |
+	       (s->avl ? DESC_AVL : 0) | (s->l ? DESC_L : 0) | (s->db ? DESC_B : 0) |
+	       (s->g ? DESC_G : 0) | (s->unusable ? DESC_UNUSABLE : 0);
+}
+
+static void flags_to_kseg(const struct segc *c, struct kvm_segment *s)
+{
+	memset(s, 0, sizeof(*s));
+	s->base = c->base;
+	s->limit = c->limit;
+	s->selector = c->selector;
+	s->type = (c->flags >> DESC_TYPE_SHIFT) & 15;
+	s->s = !!(c->flags & DESC_S);
+	s->dpl = (c->flags >> DESC_DPL_SHIFT) & 3;
+	s->present = !!(c->flags & DESC_P);
+	s->avl = !!(c->flags & DESC_AVL);
+	s->l = !!(c->flags & DESC_L);
+	s->db = !!(c->flags & DESC_B);
+	s->g = !!(c->flags & DESC_G);
+	s->unusable = !!(c->flags & DESC_UNUSABLE);
+}
+
+static void set_segc(struct segc *c, const struct kvm_segment *s)
+{
+	c->selector = s->selector;
+	c->base = s->base;
+	c->limit = s->limit;
+	c->flags = kseg_to_flags(s);
+}
+
+/* Load a segment cache from a descriptor in the GDT/LDT (protected mode). */
+static int load_desc(kvmfs_vcpu *v, uint16_t sel, struct segc *c)
+{
+	struct segc *tab = (sel & 4) ? segat(v, E_LDT) : segat(v, E_GDT);
+	struct kvmfs_xlate xl;
+	uint32_t d[2];
+
+	if ((sel & ~3u) == 0 || (sel | 7u) > tab->limit)
+		return -1;
+	if (gmem(v, tab->base + (sel & ~7u), d, 8, false, &xl))
+		return -1;
+	c->selector = sel;
+	c->base = (d[0] >> 16) | ((d[1] & 0xff) << 16) | (d[1] & 0xff000000u);
+	c->limit = (d[0] & 0xffff) | (d[1] & 0xf0000);
+	if (d[1] & DESC_G)
+		c->limit = (c->limit << 12) | 0xfff;
+	c->flags = d[1] & 0x00f0ff00u;
+	if (!(c->flags & DESC_P))
+		return -1;
+	return 0;
+}
+
+/* ------------------------------------------------------ event delivery -- */
+
+static bool has_errcode(uint32_t vec)
+{
+	return vec == 8 || (vec >= 10 && vec <= 14) || vec == 17 || vec == 21;
+}
+
+static int push(kvmfs_vcpu *v, uint64_t *sp, uint64_t ssbase, uint64_t mask, uint64_t val, int n)
+{
+	struct kvmfs_xlate xl;
+	*sp = (*sp - n) & mask;
+	return gmem(v, ssbase + *sp, &val, n, true, &xl);
+}
+
+/*
+ * Deliver vector vec as the guest CPU would (env already loaded; stored back
+ * on success).  ret_rip is the RIP to push (the faulting instruction for
+ * faults, the next one for INT n and external interrupts).  Returns 0, or -1
+ * when the delivery itself faults (the caller escalates to #DF / shutdown).
+ */
+static int deliver_once(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, uint64_t ret_rip)
+{
+	uint64_t rfl = ENV64(v, E_RFLAGS) | 2;
+	uint64_t cr0 = ENV64(v, E_CR), efer = ENV64(v, E_EFER);
+	struct segc *idt = segat(v, E_IDT), *cs = seg(v, R_CS), *ss = seg(v, R_SS);
+	struct kvmfs_xlate xl;
+
+	if (!(cr0 & CR0_PE)) {
+		uint16_t ivt[2];
+		if (vec * 4 + 3 > idt->limit)
+			return -1;
+		if (gmem(v, idt->base + vec * 4, ivt, 4, false, &xl))
+			return -1;
+		uint64_t sp = ENV64(v, 4 * 8) & 0xffff;
+		if (push(v, &sp, ss->base, 0xffff, rfl, 2) || push(v, &sp, ss->base, 0xffff, cs->selector, 2) ||
+		    push(v, &sp, ss->base, 0xffff, ret_rip, 2))
+			return -1;
+		ENV64(v, 4 * 8) = (ENV64(v, 4 * 8) & ~0xffffull) | sp;
+		cs->selector = ivt[1];
+		cs->base = (uint64_t)ivt[1] << 4;
+		ENV64(v, E_RIP) = ivt[0];
+		ENV64(v, E_RFLAGS) = rfl & ~(RF_IF | RF_TF | RF_AC | RF_RF);
+		return 0;
+	}
+
+	bool lm = efer & EFER_LMA;
+	uint32_t g[4] = { 0 };
+	int gsz = lm ? 16 : 8;
+	if (vec * gsz + gsz - 1 > idt->limit)
+		return -1;
+	if (gmem(v, idt->base + vec * gsz, g, gsz, false, &xl))
+		return -1;
+	uint32_t type = (g[1] >> 8) & 0x1f;
+	if (!(g[1] & (1u << 15)))
+		return -1;
+	bool intgate = (type & 7) == 6, trapgate = (type & 7) == 7;
+	if (!intgate && !trapgate)
+		return -1;
+	uint16_t sel = g[0] >> 16;
+	uint64_t off = (g[0] & 0xffff) | (g[1] & 0xffff0000u);
+	if (lm)
+		off |= (uint64_t)g[2] << 32;
+	struct segc ncs;
+	if (load_desc(v, sel, &ncs))
+		return -1;
+	int cpl = ENV32(v, E_HFLAGS) & 3;
+	int dpl = (ncs.flags >> DESC_DPL_SHIFT) & 3;
+	if (ncs.flags & (1u << 10))          /* conforming: keep CPL */
+		dpl = cpl;
+	struct segc nss = *ss;
+	uint64_t osp = ENV64(v, 4 * 8), sp = osp;
+	bool stack_switch = dpl < cpl;
+	struct segc *tr = segat(v, E_TR);
+	if (lm) {
+		int ist = g[1] & 7;
+		if (stack_switch || ist) {
+			uint64_t nsp;
+			uint32_t o = ist ? 0x24 + 8 * (ist - 1) : 4 + 8 * dpl;
+			if (gmem(v, tr->base + o, &nsp, 8, false, &xl))
+				return -1;
+			sp = nsp;
+		}
+		if (stack_switch) {
+			nss.selector = dpl;
+			nss.base = 0;
+			nss.limit = 0xffffffff;
+			nss.flags = DESC_P | DESC_S | (3u << DESC_TYPE_SHIFT) | DESC_B | DESC_G |
+				    ((uint32_t)dpl << DESC_DPL_SHIFT) | DESC_UNUSABLE;
+		}
+		sp &= ~15ull;
+		uint64_t m = ~0ull;
+		if (push(v, &sp, 0, m, ss->selector, 8) || push(v, &sp, 0, m, osp, 8) ||
+		    push(v, &sp, 0, m, rfl, 8) || push(v, &sp, 0, m, cs->selector, 8) ||
+		    push(v, &sp, 0, m, ret_rip, 8) || (errc && push(v, &sp, 0, m, err, 8)))
+			return -1;
+	} else {
+		if (stack_switch) {
+			uint32_t esp0;
+			uint16_t ss0;
+			if (gmem(v, tr->base + 4 + 8 * dpl, &esp0, 4, false, &xl) ||
+			    gmem(v, tr->base + 8 + 8 * dpl, &ss0, 2, false, &xl) ||
+			    load_desc(v, ss0, &nss))
+				return -1;
+			sp = esp0;
+		}
+		bool g32 = type & 8;
+		int n = g32 ? 4 : 2;
+		uint64_t m = (nss.flags & DESC_B) ? 0xffffffffull : 0xffffull;
+		sp &= m;
+		if (stack_switch && (push(v, &sp, nss.base, m, ss->selector, n) ||
+				     push(v, &sp, nss.base, m, osp, n)))
+			return -1;
+		if (push(v, &sp, nss.base, m, rfl, n) || push(v, &sp, nss.base, m, cs->selector, n) ||
+		    push(v, &sp, nss.base, m, ret_rip, n) || (errc && push(v, &sp, nss.base, m, err, n)))
+			return -1;
+		if (!g32)
+			off &= 0xffff;
+	}
+	ncs.selector = (sel & ~3u) | dpl;
+	*cs = ncs;
+	*ss = nss;
+	ENV64(v, 4 * 8) = sp;
+	ENV64(v, E_RIP) = off;
+	rfl &= ~(RF_TF | RF_NT | RF_RF | RF_VM);
+	if (intgate)
+		rfl &= ~RF_IF;
+	ENV64(v, E_RFLAGS) = rfl;
+	return 0;
+}
+
+/* Deliver with the double-fault / triple-fault rules.  Returns 0 or 1 = shutdown. */
+static int deliver_event(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, uint64_t ret_rip)
+{
+	env_load(v);
+	if (deliver_once(v, vec, errc, err, ret_rip) == 0) {
+		env_store(v);
+		return 0;
+	}
+	if (vec != 8) {
+		env_load(v);
+		if (deliver_once(v, 8, true, 0, ret_rip) == 0) {
+			env_store(v);
+			return 0;
+		}
+	}
+	v->shutdown = true;
+	return 1;
+}
+
+static void set_cr2(kvmfs_vcpu *v, uint64_t va) { wreg(v, UC_X86_REG_CR2, va); }
+
+/* ------------------------------------------------------------- lifecycle -- */
+
+static void reset_state(kvmfs_vcpu *v)
+{
+	struct kvm_sregs s;
+	struct kvm_regs r;
+
+	memset(&r, 0, sizeof r);
+	r.rip = 0xfff0;
+	r.rflags = 2;
+	r.rdx = 0x600;
+	memset(&s, 0, sizeof s);
+	struct kvm_segment data = { .base = 0, .limit = 0xffff, .selector = 0, .type = 3,
+				    .present = 1, .s = 1 };
+	s.cs = data;
+	s.cs.selector = 0xf000;
+	s.cs.base = 0xffff0000;
+	s.cs.type = 11;
+	s.ds = s.es = s.fs = s.gs = s.ss = data;
+	s.tr = (struct kvm_segment){ .limit = 0xffff, .type = 11, .present = 1 };
+	s.ldt = (struct kvm_segment){ .limit = 0xffff, .type = 2, .present = 1 };
+	s.gdt.limit = 0xffff;
+	s.idt.limit = 0xffff;
+	s.cr0 = 0x60000010;
+	s.apic_base = 0xfee00900;
+	kvmfs_vcpu_set_sregs(v, &s);
+	kvmfs_vcpu_set_regs(v, &r);
+}
+
+KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run *run)
+{
+	kvmfs_vcpu *v = calloc(1, sizeof(*v));
+	uc_hook h;
+
+	if (!v)
+		return NULL;
+	v->mmu = mmu;
+	v->id = id;
+	v->run = run;
+	if (uc_open(UC_ARCH_X86, UC_MODE_64, &v->uc))
+		goto fail;
+	/* exits mode with no exits: uc_emu_start's `until` is ignored (otherwise
+	 * unicorn translates the until page at the end of every run, which
+	 * reaches the TLB-fill hook with a bogus fetch) */
+	if (uc_ctl_exits_enable(v->uc) ||
+	    uc_ctl_tlb_mode(v->uc, UC_TLB_VIRTUAL) ||
+	    uc_hook_add(v->uc, &h, UC_HOOK_TLB_FILL, (void *)tlb_fill, v, 1, 0) ||
+	    uc_hook_add(v->uc, &h, UC_HOOK_CODE, (void *)code_hook, v, 1, 0) ||
+	    uc_hook_add(v->uc, &h, UC_HOOK_INSN, (void *)out_hook, v, 1, 0, UC_X86_INS_OUT) ||
+	    uc_hook_add(v->uc, &h, UC_HOOK_INSN, (void *)in_hook, v, 1, 0, UC_X86_INS_IN) ||
+	    uc_hook_add(v->uc, &h, UC_HOOK_INTR, (void *)intr_hook, v, 1, 0) ||
+	    uc_mmio_map(v->uc, WIN_BASE, WIN_PAGES * 4096, win_read, v, win_write, v))
+		goto fail;
+	if (uc_context_alloc(v->uc, &v->ctx) || uc_context_alloc(v->uc, &v->ctx_step))
+		goto fail;
+	if (env_selfcheck(v))
+		goto fail;
+	v->apic_base = 0xfee00900;
+	reset_state(v);
+	if (run) {
+		run->apic_base = v->apic_base;
+	}
+	v->fc.kick = flush_kick;
+	v->fc.opaque = v;
+	kvmfs_mmu_attach(mmu, &v->fc);
+	return v;
+fail:
+	kvmfs_vcpu_free(v);
+	return NULL;
+}
+
+KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
+{
+	if (!v)
+		return;
+	if (v->fc.attached)
+		kvmfs_mmu_detach(v->mmu, &v->fc);
+	if (v->ctx)
+		uc_context_free(v->ctx);
+	if (v->ctx_step)
+		uc_context_free(v->ctx_step);
+	if (v->uc)
+		uc_close(v->uc);
+	free(v->hm);
+	free(v->hm_mapped);
+	free(v);
+}
+
+KVMFS_API uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v) { return v->miss_hva; }
+
+KVMFS_API void kvmfs_vcpu_kick(kvmfs_vcpu *v)
+{
+	__atomic_or_fetch(&v->attn, ATTN_KICK, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&v->in_emu, __ATOMIC_SEQ_CST))
+		uc_emu_stop(v->uc);
+}
+
+static void intr_signal(int sig)
+{
+	kvmfs_vcpu *v = cur_vcpu;
+	if (v)
+		kvmfs_vcpu_kick(v);
+}
+
+KVMFS_API int kvmfs_vcpu_install_intr_signal(int signo)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = intr_signal;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0;                  /* no SA_RESTART: interrupt the FUSE read too */
+	return sigaction(signo, &sa, NULL) ? -errno : 0;
+}
+
+/* -------------------------------------------------------------- the run -- */
+
+static void fill_run_flags(kvmfs_vcpu *v)
+{
+	struct kvm_run *run = v->run;
+	uint64_t fl = rreg(v, UC_X86_REG_EFLAGS);
+
+	run->if_flag = !!(fl & RF_IF);
+	run->ready_for_interrupt_injection = run->if_flag && !v->irq_pending &&
+					     !(v->why == WHY_STEP && v->shadow);
+	run->cr8 = v->cr8;
+	run->apic_base = v->apic_base;
+	run->flags = 0;
+}
+
+static int exit_to(kvmfs_vcpu *v, uint32_t reason)
+{
+	v->run->exit_reason = reason;
+	v->stats.exits[reason < 64 ? reason : 63]++;
+	v->stats.last_exit_reason = reason;
+	return 0;
+}
+
+static int internal_error(kvmfs_vcpu *v, uint32_t sub)
+{
+	struct kvm_run *run = v->run;
+	memset(&run->internal, 0, sizeof(run->internal));
+	run->internal.suberror = sub;
+	return exit_to(v, 17);
+}
+
+/* One slice of emulation from the current RIP.  Returns the uc_err. */
+static uc_err slice(kvmfs_vcpu *v)
+{
+	uint64_t rip = rreg(v, UC_X86_REG_RIP);
+	uc_err e;
+
+	v->why = WHY_NONE;
+	v->fill_remap = false;
+	__atomic_store_n(&v->in_emu, 1, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH)) {
+		__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+		return UC_ERR_OK;
+	}
+	e = uc_emu_start(v->uc, rip, UNTIL_NEVER, 0, 0);
+	__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+	return e;
+}
+
+/* Execute exactly one instruction (budget 1); returns the uc_err. */
+static uc_err step_one(kvmfs_vcpu *v)
+{
+	uc_err e;
+	__atomic_or_fetch(&v->attn, ATTN_STEP, __ATOMIC_SEQ_CST);
+	v->step_left = 1;
+	e = slice(v);
+	__atomic_and_fetch(&v->attn, ~ATTN_STEP, __ATOMIC_SEQ_CST);
+	if (v->why == WHY_STEP)
+		v->why = WHY_NONE;
+	return e;
+}
+
+/*
+ * Run the MMIO instruction at RIP alone with the MMIO window mapped.  Returns
+ * 1 when an exit to userspace was prepared, 0 to continue, <0 on error.
+ */
+static int mmio_instruction(kvmfs_vcpu *v)
+{
+	struct kvm_run *run = v->run;
+	uc_err e;
+
+	uc_context_save(v->uc, v->ctx_step);
+	v->mmio_step = true;
+	v->reads_used = 0;
+	v->read_missing = false;
+	v->nwrites = 0;
+	v->writes_reported = 0;
+	e = step_one(v);
+	v->mmio_step = false;
+	uc_ctl_flush_tlb(v->uc);          /* drop the window mappings */
+	if (v->read_missing) {
+		uc_context_restore(v->uc, v->ctx_step);
+		uc_ctl_flush_tlb(v->uc);
+		v->pending = PEND_MMIO_READ;
+		run->mmio.phys_addr = v->miss.gpa;
+		run->mmio.len = v->miss.len;
+		run->mmio.is_write = 0;
+		memset(run->mmio.data, 0, 8);
+		return exit_to(v, 6) + 1;
+	}
+	v->nreads = 0;
+	v->pending = PEND_NONE;
+	if (e != UC_ERR_OK && v->why == WHY_NONE)
+		v->why = WHY_FILL;        /* handled by the caller as a fault */
+	if (v->nwrites) {
+		struct mmio_acc *a = &v->writes[0];
+		run->mmio.phys_addr = a->gpa;
+		run->mmio.len = a->len;
+		run->mmio.is_write = 1;
+		memcpy(run->mmio.data, &a->data, 8);
+		v->writes_reported = 1;
+		return exit_to(v, 6) + 1;
+	}
+	return 0;
+}
+
+/* Completion of the previous exit (IN data, MMIO read data). */
+static int complete_pending(kvmfs_vcpu *v)
+{
+	struct kvm_run *run = v->run;
+
+	if (v->writes_reported && v->writes_reported < v->nwrites) {
+		struct mmio_acc *a = &v->writes[v->writes_reported++];
+		run->mmio.phys_addr = a->gpa;
+		run->mmio.len = a->len;
+		run->mmio.is_write = 1;
+		memcpy(run->mmio.data, &a->data, 8);
+		return exit_to(v, 6) + 1;
+	}
+	v->writes_reported = 0;
+	if (v->pending == PEND_IN) {
+		v->pending = PEND_NONE;
+		v->pio_avail = run->io.count;
+		v->pio_idx = 0;
+		step_one(v);
+		/* rep ins: the rest of the buffer is consumed by the next slices */
+		return 0;
+	}
+	if (v->pending == PEND_MMIO_READ) {
+		if (v->nreads < MAX_MMIO_ACC) {
+			struct mmio_acc *a = &v->reads[v->nreads++];
+			a->gpa = run->mmio.phys_addr;
+			a->len = run->mmio.len;
+			a->data = 0;
+			memcpy(&a->data, run->mmio.data, a->len > 8 ? 8 : a->len);
+		}
+		return mmio_instruction(v);
+	}
+	return 0;
+}
+
+static bool can_inject(kvmfs_vcpu *v)
+{
+	return (rreg(v, UC_X86_REG_EFLAGS) & RF_IF) != 0;
+}
+
+/* Handle the end of a slice; returns 1 = exit prepared (value in *rc), 0 = go on. */
+static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
+{
+	struct kvm_run *run = v->run;
+
+	switch (v->why) {
+	case WHY_OUT:
+		*rc = exit_to(v, 2);
+		return 1;
+	case WHY_IN:
+		wreg(v, UC_X86_REG_RAX, v->saved_rax);
+		wreg(v, UC_X86_REG_RCX, v->saved_rcx);
+		wreg(v, UC_X86_REG_RDI, v->saved_rdi);
+		wreg(v, UC_X86_REG_RIP, v->saved_rip);
+		v->pending = PEND_IN;
+		*rc = exit_to(v, 2);
+		return 1;
+	case WHY_IFOPEN:
+		return 0;
+	case WHY_INTR: {
+		uint32_t vec = v->intno;
+		uint64_t rip = rreg(v, UC_X86_REG_RIP);
+		bool soft = false;
+		uint8_t b[2] = { 0, 0 };
+		struct kvmfs_xlate xl;
+		uint64_t csb = 0;
+		env_load(v);
+		csb = seg(v, R_CS)->base;
+		if (v->intr_rip >= 2 && !gmem(v, csb + v->intr_rip - 2, b, 2, false, &xl) &&
+		    b[0] == 0xcd && b[1] == vec)
+			soft = true;
+		if (!soft && (vec == 3 || vec == 4) && !gmem(v, csb + v->intr_rip - 1, b, 1, false, &xl) &&
+		    (b[0] == 0xcc || b[0] == 0xce))
+			soft = true;
+		(void)rip;
+		if (deliver_event(v, vec, !soft && has_errcode(vec), 0, v->intr_rip)) {
+			*rc = exit_to(v, 8);
+			return 1;
+		}
+		return 0;
+	}
+	case WHY_FILL:
+		if (v->fill_remap) {
+			*rc = map_hostmem(v);
+			return *rc ? 1 : 0;
+		}
+		switch (v->fx.kind) {
+		case KVMFS_XL_MMIO:
+			if (v->fill_access == KVMFS_ACC_FETCH) {
+				*rc = internal_error(v, 1);
+				return 1;
+			}
+			{
+				int r = mmio_instruction(v);
+				if (r < 0) { *rc = r; return 1; }
+				if (r > 0) { *rc = 0; return 1; }
+				if (v->why == WHY_FILL && v->fx.kind != KVMFS_XL_MMIO)
+					return handle_stop(v, UC_ERR_OK, rc);
+				return 0;
+			}
+		case KVMFS_XL_PF:
+			set_cr2(v, v->fill_vaddr);
+			if (deliver_event(v, 14, true, v->fx.pf_error_code, rreg(v, UC_X86_REG_RIP))) {
+				*rc = exit_to(v, 8);
+				return 1;
+			}
+			return 0;
+		case KVMFS_XL_NEED_HVA:
+			v->miss_hva = v->fx.hva;
+			*rc = KVMFS_RUN_NEED_HVA;
+			return 1;
+		case KVMFS_XL_EFAULT:
+		default:
+			run->exit_reason = 0;
+			*rc = -EFAULT;
+			return 1;
+		}
+	default:
+		break;
+	}
+	if (e == UC_ERR_INSN_INVALID) {
+		if (deliver_event(v, 6, false, 0, rreg(v, UC_X86_REG_RIP))) {
+			*rc = exit_to(v, 8);
+			return 1;
+		}
+		return 0;
+	}
+	if (v->attn & ATTN_FLUSH) {
+		do_flush(v);
+		return 0;
+	}
+	if (v->attn & ATTN_KICK) {
+		__atomic_and_fetch(&v->attn, ~ATTN_KICK, __ATOMIC_SEQ_CST);
+		run->exit_reason = 10;
+		v->stats.exits[10]++;
+		*rc = -EINTR;
+		return 1;
+	}
+	if (e == UC_ERR_OK) {
+		/* HLT is the only way a slice ends cleanly without a reason */
+		uint8_t b = 0;
+		struct kvmfs_xlate xl;
+		uint64_t rip = rreg(v, UC_X86_REG_RIP);
+		env_load(v);
+		if (!gmem(v, seg(v, R_CS)->base + rip - 1, &b, 1, false, &xl) && b == 0xf4) {
+			if (v->irq_pending && can_inject(v))
+				return 0;         /* sti; hlt with an interrupt queued */
+			*rc = exit_to(v, 5);
+			return 1;
+		}
+		return 0;
+	}
+	*rc = internal_error(v, 1);
+	run->internal.ndata = 3;          /* kvmfs: uc_err, stop cause, pc */
+	run->internal.data[0] = e;
+	run->internal.data[1] = v->why;
+	run->internal.data[2] = v->cur_pc;
+	return 1;
+}
+
+KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
+{
+	struct kvm_run *run = v->run;
+	int rc = 0;
+
+	if (run->kvm_valid_regs & ~7ull)
+		return -EINVAL;
+	if (run->cr8 > 15)
+		return -EINVAL;
+	v->cr8 = run->cr8;
+	v->stats.runs++;
+	cur_vcpu = v;
+	kvmfs_mmu_enter(v->mmu, &v->fc);
+	if (kvmfs_mmu_flush_gen(v->mmu) > v->fc.acked_gen)
+		do_flush(v);
+	if ((rc = map_hostmem(v)))
+		goto out;
+
+	if (run->immediate_exit) {
+		if (v->pending != PEND_NONE) {
+			int r = complete_pending(v);
+			(void)r;
+		}
+		rc = -EINTR;
+		goto out;
+	}
+	run->exit_reason = 0;
+	if (v->shutdown) {
+		rc = exit_to(v, 8);
+		goto out;
+	}
+	if (v->pending != PEND_NONE || v->writes_reported) {
+		int r = complete_pending(v);
+		if (r < 0) { rc = r; goto out; }
+		if (r > 0) { rc = 0; goto out; }
+		if (v->why != WHY_NONE && v->why != WHY_STEP) {
+			if (handle_stop(v, UC_ERR_OK, &rc))
+				goto out;
+		}
+	}
+	for (;;) {
+		if (v->attn & ATTN_FLUSH)
+			do_flush(v);
+		if (v->attn & ATTN_KICK) {
+			__atomic_and_fetch(&v->attn, ~ATTN_KICK, __ATOMIC_SEQ_CST);
+			run->exit_reason = 10;
+			v->stats.exits[10]++;
+			rc = -EINTR;
+			goto out;
+		}
+		if (v->irq_pending && can_inject(v)) {
+			v->irq_pending = false;
+			if (deliver_event(v, v->irq, false, 0, rreg(v, UC_X86_REG_RIP))) {
+				rc = exit_to(v, 8);
+				goto out;
+			}
+		}
+		if (run->request_interrupt_window && !v->irq_pending && can_inject(v)) {
+			rc = exit_to(v, 7);
+			goto out;
+		}
+		bool watch = (v->irq_pending || run->request_interrupt_window) && !can_inject(v);
+		v->shadow = false;
+		if (watch)
+			__atomic_or_fetch(&v->attn, ATTN_WATCH_IF, __ATOMIC_SEQ_CST);
+		else
+			__atomic_and_fetch(&v->attn, ~ATTN_WATCH_IF, __ATOMIC_SEQ_CST);
+		if (v->debug_ctl & 2) {
+			v->run->debug.exception = 1;
+			uc_err e = step_one(v);
+			if (v->why != WHY_NONE || e != UC_ERR_OK) {
+				if (handle_stop(v, e, &rc))
+					goto out;
+			}
+			memset(&run->debug, 0, sizeof(run->debug));
+			run->debug.exception = 1;
+			env_load(v);
+			run->debug.pc = seg(v, R_CS)->base + rreg(v, UC_X86_REG_RIP);
+			rc = exit_to(v, 4);
+			goto out;
+		}
+		uc_err e = slice(v);
+		if (handle_stop(v, e, &rc))
+			goto out;
+	}
+out:
+	__atomic_and_fetch(&v->attn, ~ATTN_WATCH_IF, __ATOMIC_SEQ_CST);
+	kvmfs_mmu_leave(v->mmu, &v->fc);
+	cur_vcpu = NULL;
+	if (rc == 0 || rc == -EINTR)
+		fill_run_flags(v);
+	return rc;
+}
+
+/* ------------------------------------------------------------- registers -- */
+
+static const int gpr_ids[16] = {
+	UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX,
+	UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_RSP, UC_X86_REG_RBP,
+	UC_X86_REG_R8, UC_X86_REG_R9, UC_X86_REG_R10, UC_X86_REG_R11,
+	UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+};
+
+KVMFS_API int kvmfs_vcpu_get_regs(kvmfs_vcpu *v, struct kvm_regs *out)
+{
+	uint64_t *r = &out->rax;
+	for (int i = 0; i < 16; i++)
+		r[i] = rreg(v, gpr_ids[i]);
+	out->rip = rreg(v, UC_X86_REG_RIP);
+	out->rflags = rreg(v, UC_X86_REG_RFLAGS) | 2;
+	return 0;
+}
+
+KVMFS_API int kvmfs_vcpu_set_regs(kvmfs_vcpu *v, const struct kvm_regs *in)
+{
+	const uint64_t *r = &in->rax;
+	for (int i = 0; i < 16; i++)
+		wreg(v, gpr_ids[i], r[i]);
+	/* RIP and RFLAGS through the env: writing RIP through the API in
+	 * real mode is fine, but RFLAGS bits like VM must not run helpers */
+	env_load(v);
+	ENV64(v, E_RIP) = in->rip;
+	ENV64(v, E_RFLAGS) = in->rflags | 2;
+	env_store(v);
+	/* new register state cancels a pending IN/MMIO completion */
+	v->pending = PEND_NONE;
+	v->nreads = 0;
+	return 0;
+}
+
+KVMFS_API int kvmfs_vcpu_get_sregs(kvmfs_vcpu *v, struct kvm_sregs *out)
+{
+	static const int order[6] = { R_CS, R_DS, R_ES, R_FS, R_GS, R_SS };
+	struct kvm_segment *dst[6] = { &out->cs, &out->ds, &out->es, &out->fs, &out->gs, &out->ss };
+
+	memset(out, 0, sizeof(*out));
+	env_load(v);
+	for (int i = 0; i < 6; i++)
+		flags_to_kseg(seg(v, order[i]), dst[i]);
+	flags_to_kseg(segat(v, E_TR), &out->tr);
+	flags_to_kseg(segat(v, E_LDT), &out->ldt);
+	out->gdt.base = segat(v, E_GDT)->base;
+	out->gdt.limit = segat(v, E_GDT)->limit;
+	out->idt.base = segat(v, E_IDT)->base;
+	out->idt.limit = segat(v, E_IDT)->limit;
+	out->cr0 = ENV64(v, E_CR);
+	out->cr2 = ENV64(v, E_CR + 16);
+	out->cr3 = ENV64(v, E_CR + 24);
+	out->cr4 = ENV64(v, E_CR + 32);
+	out->cr8 = v->cr8;
+	out->efer = ENV64(v, E_EFER);
+	out->apic_base = v->apic_base;
+	if (v->irq_pending)
+		out->interrupt_bitmap[v->irq / 64] = 1ull << (v->irq % 64);
+	return 0;
+}
+
+#define CR4_RESERVED (~0x3f7fffull)   /* bits KVM accepts on a modern host, roughly */
+
+KVMFS_API int kvmfs_vcpu_set_sregs(kvmfs_vcpu *v, const struct kvm_sregs *in)
+{
+	uint64_t cr0 = in->cr0, cr4 = in->cr4, efer = in->efer;
+
+	/* spec 10.1: reject inconsistent control state */
+	if ((cr0 & CR0_PG) && !(cr0 & CR0_PE))
+		return -EINVAL;
+	if (cr0 >> 32)
+		return -EINVAL;
+	if (cr4 & CR4_RESERVED)
+		return -EINVAL;
+	if ((efer & EFER_LME) && (cr0 & CR0_PG)) {
+		if (!(cr4 & CR4_PAE) || !(efer & EFER_LMA))
+			return -EINVAL;
+	} else {
+		if ((efer & EFER_LMA) || in->cs.l)
+			return -EINVAL;
+	}
+
+	env_load(v);
+	set_segc(seg(v, R_CS), &in->cs);
+	set_segc(seg(v, R_DS), &in->ds);
+	set_segc(seg(v, R_ES), &in->es);
+	set_segc(seg(v, R_FS), &in->fs);
+	set_segc(seg(v, R_GS), &in->gs);
+	set_segc(seg(v, R_SS), &in->ss);
+	set_segc(segat(v, E_TR), &in->tr);
+	set_segc(segat(v, E_LDT), &in->ldt);
+	segat(v, E_GDT)->base = in->gdt.base;
+	segat(v, E_GDT)->limit = in->gdt.limit;
+	segat(v, E_IDT)->base = in->idt.base;
+	segat(v, E_IDT)->limit = in->idt.limit;
+	ENV64(v, E_CR) = cr0;
+	ENV64(v, E_CR + 16) = in->cr2;
+	ENV64(v, E_CR + 24) = in->cr3;
+	ENV64(v, E_CR + 32) = cr4;
+	ENV64(v, E_EFER) = efer;
+	env_store(v);
+	v->cr8 = in->cr8 & 15;
+	v->apic_base = in->apic_base;
+	v->irq_pending = false;
+	for (int i = 0; i < 256; i++) {
+		if (in->interrupt_bitmap[i / 64] & (1ull << (i % 64))) {
+			v->irq_pending = true;
+			v->irq = i;
+			break;
+		}
+	}
+	return 0;
+}
+
+KVMFS_API int kvmfs_vcpu_get_fpu(kvmfs_vcpu *v, struct kvm_fpu *out)
+{
+	memset(out, 0, sizeof(*out));
+	for (int i = 0; i < 8; i++) {
+		uint8_t f[16] = { 0 };   /* 80-bit: mantissa then exponent */
+		uc_reg_read(v->uc, UC_X86_REG_FP0 + i, f);
+		memcpy(out->fpr[i], f, 10);
+	}
+	out->fcw = rreg(v, UC_X86_REG_FPCW);
+	out->fsw = rreg(v, UC_X86_REG_FPSW);
+	out->ftwx = rreg(v, UC_X86_REG_FPTAG);
+	out->mxcsr = rreg(v, UC_X86_REG_MXCSR);
+	for (int i = 0; i < 16; i++)
+		uc_reg_read(v->uc, UC_X86_REG_XMM0 + i, out->xmm[i]);
+	return 0;
+}
+
+KVMFS_API int kvmfs_vcpu_set_fpu(kvmfs_vcpu *v, const struct kvm_fpu *in)
+{
+	for (int i = 0; i < 8; i++) {
+		uint8_t f[16] = { 0 };
+		memcpy(f, in->fpr[i], 10);
+		uc_reg_write(v->uc, UC_X86_REG_FP0 + i, f);
+	}
+	wreg(v, UC_X86_REG_FPCW, in->fcw);
+	wreg(v, UC_X86_REG_FPSW, in->fsw);
+	wreg(v, UC_X86_REG_FPTAG, in->ftwx);
+	wreg(v, UC_X86_REG_MXCSR, in->mxcsr);
+	for (int i = 0; i < 16; i++)
+		uc_reg_write(v->uc, UC_X86_REG_XMM0 + i, in->xmm[i]);
+	return 0;
+}
+
+static bool msr_known(uint32_t idx)
+{
+	switch (idx) {
+	case 0x10: case 0x1b: case 0x174: case 0x175: case 0x176: case 0x277:
+	case 0xc0000080: case 0xc0000081: case 0xc0000082: case 0xc0000083:
+	case 0xc0000084: case 0xc0000100: case 0xc0000101: case 0xc0000102:
+		return true;
+	}
+	return false;
+}
+
+KVMFS_API int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		if (!msr_known(e[i].index))
+			return i;
+		if (e[i].index == 0x1b) {
+			e[i].data = v->apic_base;
+		} else if (e[i].index == 0xc0000080) {
+			env_load(v);
+			e[i].data = ENV64(v, E_EFER);
+		} else {
+			uc_x86_msr m = { e[i].index, 0 };
+			if (uc_reg_read(v->uc, UC_X86_REG_MSR, &m))
+				return i;
+			e[i].data = m.value;
+		}
+	}
+	return n;
+}
+
+KVMFS_API int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		if (!msr_known(e[i].index))
+			return i;
+		if (e[i].index == 0x1b) {
+			v->apic_base = e[i].data;
+		} else if (e[i].index == 0xc0000080) {
+			env_load(v);
+			ENV64(v, E_EFER) = e[i].data;
+			env_store(v);
+		} else {
+			uc_x86_msr m = { e[i].index, e[i].data };
+			if (uc_reg_write(v->uc, UC_X86_REG_MSR, &m))
+				return i;
+		}
+	}
+	return n;
+}
+
+KVMFS_API int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 *e, uint32_t n)
+{
+	return n > 256 ? -E2BIG : 0;
+}
+
+KVMFS_API int kvmfs_supported_cpuid(struct kvm_cpuid_entry2 *out, uint32_t max)
+{
+	static const struct kvm_cpuid_entry2 list[] = {
+		{ .function = 0, .eax = 0xd, .ebx = 0x756e6547, .ecx = 0x6c65746e, .edx = 0x49656e69 },
+		{ .function = 1, .eax = 0x663, .ecx = 0x80202001, .edx = 0x0789fbff },
+		{ .function = 7, .flags = 1 },
+		{ .function = 0x80000000, .eax = 0x80000008 },
+		{ .function = 0x80000001, .ecx = 1, .edx = 0x20100800 },
+		{ .function = 0x80000008, .eax = 0x3028 },
+	};
+	uint32_t n = sizeof(list) / sizeof(list[0]);
+	if (max < n)
+		return -E2BIG;
+	memcpy(out, list, sizeof(list));
+	return n;
+}
+
+KVMFS_API int kvmfs_vcpu_interrupt(kvmfs_vcpu *v, uint32_t irq)
+{
+	if (irq >= 256)
+		return -EINVAL;
+	v->irq = irq;
+	v->irq_pending = true;
+	return 0;
+}
+
+KVMFS_API int kvmfs_vcpu_smi(kvmfs_vcpu *v)
+{
+	return -ENOSYS;
+}
+
+KVMFS_API int kvmfs_vcpu_set_guest_debug(kvmfs_vcpu *v, uint32_t control)
+{
+	v->debug_ctl = (control & 1) ? control : 0;
+	return 0;
+}
+
+KVMFS_API void kvmfs_vcpu_get_stats(kvmfs_vcpu *v, struct kvmfs_vcpu_stats *out)
+{
+	*out = v->stats;
+}
