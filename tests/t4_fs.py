@@ -221,3 +221,54 @@ def test_invalidation_forgets_unmapped_memory(mounted, kvm):
     assert vm.read_gpa(0, 5) == b"after"
     assert "notifier_invalidations: 1" in vm.info("stats")
     vm.close()
+
+
+def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):
+    """A vCPU in an endless loop occupies one request; cat, another VM and ioctls go on."""
+    import threading
+    from kvmfs import vcpu as engine
+    if not engine.NATIVE:
+        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(0x10000)
+    mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
+    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
+    vcpu = vm.create_vcpu(0)
+    s = vcpu.get_sregs()
+    s.cs.selector, s.cs.base = 0, 0
+    vcpu.set_sregs(s)
+    r = vcpu.get_regs()
+    r.rip = 0x1000
+    vcpu.set_regs(r)
+    result = {}
+
+    def run():
+        try:
+            vcpu.run()
+            result["rc"] = 0
+        except OSError as e:
+            result["errno"] = e.errno
+
+    old = signal.signal(signal.SIGUSR1, lambda *a: None)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        time.sleep(0.2)
+        assert t.is_alive()                                  # still in the guest
+        assert "vm" in open(os.path.join(mounted, "info", "vms")).read()
+        other = kvm.create_vm()                              # other VMs and ioctls are served
+        other.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
+        assert other.check_extension(abi.KVM_CAP_USER_MEMORY) == 1
+        other.close()
+        for _ in range(50):                                  # a signal ends KVM_RUN with EINTR
+            signal.pthread_kill(t.ident, signal.SIGUSR1)
+            t.join(0.1)
+            if not t.is_alive():
+                break
+        assert not t.is_alive()
+        assert result == {"errno": errno.EINTR}
+        assert vcpu.kvm_run.exit_reason == abi.KVM_EXIT_INTR
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    vcpu.close()
+    vm.close()
