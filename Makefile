@@ -6,7 +6,7 @@ NATIVE  := $(wildcard native/*.c native/*.h) native/build.py
 SO      := kvmfs/.native-built
 MNT     ?= mnt
 
-.PHONY: all demo test test-fast bench mount umount deps clean
+.PHONY: all demo test test-fast bench mount umount deps clean guests
 
 all: $(SO)
 
@@ -27,13 +27,17 @@ $(SO): $(STAMP) $(NATIVE)
 	@$(PY) native/build.py
 	@touch $@
 
-demo: $(SO)
+# The guest images (guests/*.S -> build/guests/*.bin), reassembled when a source changes.
+guests: $(STAMP)
+	@$(PY) -m kvmfs.guests
+
+demo: $(SO) guests
 	@$(PY) tools/demo.py
 
-test: $(SO)
+test: $(SO) guests
 	@$(PY) -m pytest -q tests
 
-test-fast: $(SO)
+test-fast: $(SO) guests
 	@$(PY) -m pytest -q tests/t0_abi.py tests/t1_native_mmu.py tests/t2_vm.py tests/t3_vcpu.py
 
 bench: $(SO)

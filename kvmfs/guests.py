@@ -1,0 +1,93 @@
+"""The guest images: guests/NAME.S assembled into build/guests/NAME.bin.
+
+Owns: turning a guest source into the flat binary a VMM copies into guest
+memory.  Each source says at its top, on a line of its own,
+
+    # load: 0x1000
+
+(or ` * load: 0x1000` inside a /* */ comment; 0x1000 when there is none):
+the guest-physical address its first byte is loaded at (the image is linked
+there, so absolute addresses in it are right), followed by comment lines that
+say how the VMM sets the vCPU up.  The source picks its own mode with
+.code16/.code32/.code64.
+
+    from kvmfs import guests
+    guests.path("demo")   # build/guests/demo.bin, assembled if missing or older than the source
+    guests.load("demo")   # its bytes
+    guests.gpa("demo")    # 0x1000
+
+`python -m kvmfs.guests` builds every guests/*.S (the Makefile's `guests` target).
+Needs binutils (`as`, `ld`, `objcopy`).
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC_DIR = os.path.join(REPO, "guests")
+OUT_DIR = os.path.join(REPO, "build", "guests")
+DEFAULT_GPA = 0x1000
+_LOAD = re.compile(r"^\s*(?:#|/?\*)\s*load:\s*(0x[0-9a-fA-F]+|[0-9]+)\b", re.M)
+
+
+def source(name):
+    return os.path.join(SRC_DIR, name + ".S")
+
+
+def names():
+    """Every guest that has a source, sorted."""
+    return sorted(f[:-2] for f in os.listdir(SRC_DIR) if f.endswith(".S"))
+
+
+def gpa(name):
+    """The load address the source declares (`# load: ADDR`), else 0x1000."""
+    with open(source(name)) as f:
+        m = _LOAD.search(f.read())
+    return int(m.group(1), 0) if m else DEFAULT_GPA
+
+
+def _assemble(src, base, out):
+    with tempfile.TemporaryDirectory() as d:
+        obj, elf = os.path.join(d, "g.o"), os.path.join(d, "g.elf")
+        for cmd in (["as", "--64", "-o", obj, src],
+                    ["ld", "-m", "elf_x86_64", "-N", "-e", "0", "-Ttext=%#x" % base,
+                     "-o", elf, obj],
+                    ["objcopy", "-O", "binary", "-j", ".text", "-j", ".data", elf,
+                     os.path.join(d, "g.bin")]):
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout}{p.stderr}")
+        with open(os.path.join(d, "g.bin"), "rb") as f:
+            data = f.read()
+    tmp = out + ".%d.tmp" % os.getpid()
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, out)       # atomic: a concurrent reader sees the old or the new image
+
+
+def path(name):
+    """build/guests/NAME.bin, (re)assembled when missing or older than guests/NAME.S."""
+    src = source(name)
+    out = os.path.join(OUT_DIR, name + ".bin")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        os.makedirs(OUT_DIR, exist_ok=True)
+        _assemble(src, gpa(name), out)
+    return out
+
+
+def load(name):
+    """The image bytes of guest NAME."""
+    with open(path(name), "rb") as f:
+        return f.read()
+
+
+def main(argv):
+    for n in argv or names():
+        p = path(n)
+        print(f"{os.path.relpath(p, REPO)}: {os.path.getsize(p)} bytes at gpa {gpa(n):#x}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
