@@ -272,3 +272,21 @@ def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):
         signal.signal(signal.SIGUSR1, old)
     vcpu.close()
     vm.close()
+
+
+def test_umount_after_the_daemon_died(mounted, tmp_path):
+    """`kvmfs mount` returns once the mount answers; `kvmfs umount` also clears a dead mount."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "kvmfs", "mount", str(mnt)], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    assert os.path.exists(mnt / "kvm")                      # answering when mount returned
+    pid = int(out.split("daemon pid ")[1].rstrip(")\n"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"))
+    with pytest.raises(OSError) as e:
+        os.listdir(mnt)
+    assert e.value.errno == errno.ENOTCONN
+    subprocess.run([sys.executable, "-m", "kvmfs", "umount", str(mnt)], cwd=repo, check=True)
+    assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
