@@ -36,6 +36,8 @@
  * ioctls per vCPU).  kick is async-signal-safe and may come from any thread.
  */
 #include <pthread.h>
+#include <sched.h>
+#include <time.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -106,6 +108,7 @@
 #define ATTN_FLUSH 2
 #define ATTN_STEP 4
 #define ATTN_WATCH_IF 8
+#define ATTN_YIELD 16
 
 /* why the last emulation slice ended (set by hooks) */
 enum stop_why { WHY_NONE, WHY_OUT, WHY_IN, WHY_FILL, WHY_INTR, WHY_STEP, WHY_IFOPEN };
@@ -115,7 +118,28 @@ enum pending { PEND_NONE, PEND_IN, PEND_MMIO_READ };
 
 struct mmio_acc { uint64_t gpa; uint32_t len; uint64_t data; };
 
+/*
+ * SMP: unicorn translates LOCK-prefixed instructions without host atomics
+ * (its TBs are not built for parallel CPUs: 3 vCPUs doing `lock xadd` lost
+ * half the increments), so the vCPUs of one VM take turns in the emulator:
+ * a per-VM mutex is held for each emulation slice.  A vCPU that waits more
+ * than 1 ms asks the holder to yield (stop at its next instruction).  This
+ * gives sequentially consistent memory between vCPUs at the price of
+ * parallel speed; VMs with one vCPU never touch the lock.
+ */
+struct vmlock {
+	kvmfs_mmu *mmu;
+	int nvcpus;
+	pthread_mutex_t m;
+	struct kvmfs_vcpu *holder;
+	uint64_t handoffs;
+};
+#define MAX_VMS 256
+static struct vmlock vmlocks[MAX_VMS];
+static pthread_mutex_t vmlocks_lock = PTHREAD_MUTEX_INITIALIZER;
+
 struct kvmfs_vcpu {
+	struct vmlock *vl;
 	uc_engine *uc;
 	kvmfs_mmu *mmu;
 	uint32_t id;
@@ -141,6 +165,7 @@ struct kvmfs_vcpu {
 	uint64_t intr_rip;
 	int step_left;
 	uint64_t cur_pc;
+	bool yielded;
 
 	/* port I/O */
 	int pending;
@@ -173,6 +198,41 @@ struct kvmfs_vcpu {
 };
 
 static __thread kvmfs_vcpu *cur_vcpu;
+
+static struct vmlock *vmlock_get(kvmfs_mmu *mmu)
+{
+	struct vmlock *free_one = NULL, *r = NULL;
+
+	pthread_mutex_lock(&vmlocks_lock);
+	for (int i = 0; i < MAX_VMS; i++) {
+		if (vmlocks[i].mmu == mmu) { r = &vmlocks[i]; break; }
+		if (!vmlocks[i].mmu && !free_one)
+			free_one = &vmlocks[i];
+	}
+	if (!r && free_one) {
+		r = free_one;
+		r->mmu = mmu;
+		pthread_mutex_init(&r->m, NULL);
+	}
+	if (r)
+		r->nvcpus++;
+	pthread_mutex_unlock(&vmlocks_lock);
+	return r;
+}
+
+static void vmlock_put(struct vmlock *vl)
+{
+	pthread_mutex_lock(&vmlocks_lock);
+	if (--vl->nvcpus == 0) {
+		pthread_mutex_destroy(&vl->m);
+		vl->mmu = NULL;
+	}
+	pthread_mutex_unlock(&vmlocks_lock);
+}
+
+/* Take the VM's emulation turn; false if kicked while waiting. */
+static bool turn_take(struct kvmfs_vcpu *v);
+static void turn_give(struct kvmfs_vcpu *v);
 
 /* ----------------------------------------------------------- env access -- */
 
@@ -374,7 +434,7 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 	if (__builtin_expect(!v->attn, 1))
 		return;
 	int a = v->attn;
-	if (a & (ATTN_KICK | ATTN_FLUSH)) {
+	if (a & (ATTN_KICK | ATTN_FLUSH | ATTN_YIELD)) {
 		uc_emu_stop(uc);
 		return;
 	}
@@ -494,31 +554,54 @@ static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
 	uc_emu_stop(uc);
 }
 
+/*
+ * unicorn splits an 8-byte access to an MMIO region into two 4-byte ones (low
+ * half first); accesses that continue the previous one are merged back, so
+ * the VMM sees the guest's access size.
+ */
 static uint64_t win_read(uc_engine *uc, uint64_t off, unsigned size, void *ud)
 {
 	kvmfs_vcpu *v = ud;
 	uint64_t gpa = v->win_gpa[off >> 12] + (off & 0xfff);
 
-	if (v->read_missing)
-		return 0;
-	if (v->reads_used < v->nreads) {
-		struct mmio_acc *a = &v->reads[v->reads_used++];
-		return a->data;
+	for (int i = 0; i < v->nreads; i++) {
+		struct mmio_acc *a = &v->reads[i];
+		if (gpa >= a->gpa && gpa + size <= a->gpa + a->len) {
+			uint64_t x = 0;
+			memcpy(&x, (uint8_t *)&a->data + (gpa - a->gpa), size);
+			v->reads_used = i + 1;
+			return x;
+		}
 	}
-	v->read_missing = true;
-	v->miss.gpa = gpa;
-	v->miss.len = size;
+	if (!v->read_missing) {
+		v->read_missing = true;
+		v->miss.gpa = gpa;
+		v->miss.len = size;
+	} else if (gpa == v->miss.gpa + v->miss.len && v->miss.len + size <= 8) {
+		v->miss.len += size;
+	}
 	return 0;
 }
 
 static void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value, void *ud)
 {
 	kvmfs_vcpu *v = ud;
+	uint64_t gpa = v->win_gpa[off >> 12] + (off & 0xfff);
 
-	if (v->read_missing || v->nwrites >= MAX_MMIO_ACC)
+	if (v->read_missing)
+		return;
+	if (v->nwrites) {
+		struct mmio_acc *p = &v->writes[v->nwrites - 1];
+		if (gpa == p->gpa + p->len && p->len + size <= 8) {
+			memcpy((uint8_t *)&p->data + p->len, &value, size);
+			p->len += size;
+			return;
+		}
+	}
+	if (v->nwrites >= MAX_MMIO_ACC)
 		return;
 	struct mmio_acc *a = &v->writes[v->nwrites++];
-	a->gpa = v->win_gpa[off >> 12] + (off & 0xfff);
+	a->gpa = gpa;
 	a->len = size;
 	a->data = value;
 }
@@ -787,6 +870,7 @@ KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run
 		return NULL;
 	v->mmu = mmu;
 	v->id = id;
+	v->vl = vmlock_get(mmu);
 	v->run = run;
 	if (uc_open(UC_ARCH_X86, UC_MODE_64, &v->uc))
 		goto fail;
@@ -826,6 +910,8 @@ KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
 		return;
 	if (v->fc.attached)
 		kvmfs_mmu_detach(v->mmu, &v->fc);
+	if (v->vl)
+		vmlock_put(v->vl);
 	if (v->ctx)
 		uc_context_free(v->ctx);
 	if (v->ctx_step)
@@ -903,14 +989,71 @@ static uc_err slice(kvmfs_vcpu *v)
 
 	v->why = WHY_NONE;
 	v->fill_remap = false;
+	v->yielded = false;
+	if (!turn_take(v))
+		return UC_ERR_OK;         /* kicked while waiting: handle_stop sees it */
 	__atomic_store_n(&v->in_emu, 1, __ATOMIC_SEQ_CST);
 	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH)) {
 		__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+		turn_give(v);
 		return UC_ERR_OK;
 	}
 	e = uc_emu_start(v->uc, rip, UNTIL_NEVER, 0, 0);
 	__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+	turn_give(v);
 	return e;
+}
+
+static bool turn_take(kvmfs_vcpu *v)
+{
+	struct vmlock *vl = v->vl;
+	struct timespec t0, now;
+
+	if (!vl || __atomic_load_n(&vl->nvcpus, __ATOMIC_RELAXED) < 2)
+		return true;
+	if (pthread_mutex_trylock(&vl->m)) {
+		clock_gettime(CLOCK_MONOTONIC, &t0);
+		bool asked = false;
+		for (;;) {
+			struct timespec dl;
+			clock_gettime(CLOCK_REALTIME, &dl);
+			dl.tv_nsec += 200000;
+			if (dl.tv_nsec >= 1000000000) { dl.tv_sec++; dl.tv_nsec -= 1000000000; }
+			if (pthread_mutex_timedlock(&vl->m, &dl) == 0)
+				break;
+			if (v->attn & (ATTN_KICK | ATTN_FLUSH))
+				return false;
+			clock_gettime(CLOCK_MONOTONIC, &now);
+			long us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
+			kvmfs_vcpu *h = __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST);
+			if (!asked && us > 1000 && h) {
+				__atomic_or_fetch(&h->attn, ATTN_YIELD, __ATOMIC_SEQ_CST);
+				if (h->in_emu)
+					uc_emu_stop(h->uc);
+				asked = true;
+			}
+		}
+	}
+	__atomic_store_n(&vl->holder, v, __ATOMIC_SEQ_CST);
+	return true;
+}
+
+static void turn_give(kvmfs_vcpu *v)
+{
+	struct vmlock *vl = v->vl;
+
+	if (!vl || __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST) != v)
+		return;
+	__atomic_store_n(&vl->holder, NULL, __ATOMIC_SEQ_CST);
+	pthread_mutex_unlock(&vl->m);
+	if (v->attn & ATTN_YIELD) {
+		v->yielded = true;
+		/* let the waiter in before competing again */
+		__atomic_and_fetch(&v->attn, ~ATTN_YIELD, __ATOMIC_SEQ_CST);
+		vl->handoffs++;
+		for (int i = 0; i < 2000 && !__atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST); i++)
+			sched_yield();
+	}
 }
 
 /* Execute exactly one instruction (budget 1); returns the uc_err. */
@@ -1108,6 +1251,8 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		*rc = -EINTR;
 		return 1;
 	}
+	if (v->yielded)
+		return 0;
 	if (e == UC_ERR_OK) {
 		/* HLT is the only way a slice ends cleanly without a reason */
 		uint8_t b = 0;
