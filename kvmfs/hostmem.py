@@ -16,6 +16,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 from kvmfs._native import ffi, lib
@@ -72,12 +73,17 @@ class HostMemory:
         self.pid = pid
         self.maps = {}          # hva start -> (mmap object, size)
         self.allocated = set()  # starts of the ranges kvmfs allocated itself
+        self.lock = threading.Lock()  # vCPUs missing the same range resolve it once
 
     def resolve(self, hva, what):
         """Map the VMA holding hva and register it with the MMU.
 
         Raises KvmError(EFAULT) with a log line saying why and how to fix it.
         """
+        with self.lock:
+            self._resolve(hva, what)
+
+    def _resolve(self, hva, what):
         vma = find_vma(self.pid, hva)
         if vma is None:
             raise KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x} is not mapped in pid {self.pid}")
@@ -91,6 +97,9 @@ class HostMemory:
         mapping = self._map(vma, what)
         size = vma.end - vma.start
         rc = lib.kvmfs_hostmem_add(self.mmu, vma.start, size, ffi.from_buffer(mapping))
+        if rc == -errno.EEXIST:         # another thread resolved it first
+            mapping.close()
+            return
         if rc < 0:
             mapping.close()
             raise KvmError(-rc, what, f"cannot register host memory 0x{vma.start:x}+0x{size:x}")
