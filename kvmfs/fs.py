@@ -161,6 +161,8 @@ class KvmFs:
             return Node(MEM, vm, as_id=1)
         if name == "info":
             view = "/".join(parts[2:])
+            if view in views.VM_DIRS:
+                return Node(DIR, vm, view=view)
             if views.exists(vm, view):
                 return Node(VIEW, vm, view=view)
         return None

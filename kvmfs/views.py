@@ -10,6 +10,7 @@ from kvmfs._native import ffi, lib
 
 SYSTEM_VIEWS = ("vms", "caps", "json")
 VM_VIEWS = ("memslots", "vcpus", "stats", "mmu")
+VM_DIRS = ("dirty",)
 
 FLAG_NAMES = ((abi.KVM_MEM_LOG_DIRTY_PAGES, "log_dirty"), (abi.KVM_MEM_READONLY, "readonly"),
               (abi.KVM_MEM_GUEST_MEMFD, "guest_memfd"))

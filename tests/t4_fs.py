@@ -290,3 +290,14 @@ def test_umount_after_the_daemon_died(mounted, tmp_path):
     assert e.value.errno == errno.ENOTCONN
     subprocess.run([sys.executable, "-m", "kvmfs", "umount", str(mnt)], cwd=repo, check=True)
     assert os.listdir(mnt) == [] and not os.path.ismount(mnt)
+
+
+def test_info_dirty_lists_logged_slots(mounted, kvm):
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(2 * MiB)
+    vm.set_user_memory_region(0, 0, 0, MiB, mem.address)
+    vm.set_user_memory_region(1 << 16 | 2, abi.KVM_MEM_LOG_DIRTY_PAGES, 0, MiB, mem.address + MiB)
+    assert os.listdir(os.path.join(vm.dir, "info", "dirty")) == ["1.2"]
+    assert vm.info("dirty/1.2").splitlines() == ["page gpa"]      # nothing written yet
+    assert "1 2 0x0 0xfffff 0x100000 log_dirty" in vm.info("memslots")
+    vm.close()

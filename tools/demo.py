@@ -39,17 +39,17 @@ def shell(script, cwd):
 def run_guest(mnt, kvm):
     """The bundled guest: real mode -> protected mode -> long mode, printing on port 0xE9."""
     from kvmfs import guests
-    image = guests.load("demo")
+    image, load = guests.load("demo"), guests.gpa("demo")
     vm = kvm.create_vm()
     mem = alloc_guest_memory(2 * MiB)
-    mem.map[0:len(image)] = image
+    mem.map[load:load + len(image)] = image
     vm.set_user_memory_region(0, 0, 0, 2 * MiB, mem.address)
     vcpu = vm.create_vcpu(0)
     sregs = vcpu.get_sregs()
     sregs.cs.selector, sregs.cs.base = 0, 0
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    regs.rip, regs.rflags = 0x1000, 2
+    regs.rip, regs.rflags = load, 2
     vcpu.set_regs(regs)
     step(f"run the bundled guest on {vm.dir}/vcpu0 (its source: guests/demo.S)")
     text = b""
