@@ -145,6 +145,23 @@ def vm_invalidate(vm, ctx, hva, size):
     return "ok\n"
 
 
+def _young(vm, fn, as_id, gfn, npages):
+    from kvmfs._native import ensure
+    return f"{ensure(fn(vm.mmu, _int(as_id), _int(gfn), _int(npages)), 'young')}\n"
+
+
+def vm_test_young(vm, ctx, as_id, gfn, npages):
+    """test_young AS GFN NPAGES -> how many of those pages the guest touched since the last clear"""
+    from kvmfs._native import lib
+    return _young(vm, lib.kvmfs_mmu_test_young, as_id, gfn, npages)
+
+
+def vm_clear_young(vm, ctx, as_id, gfn, npages):
+    """clear_young AS GFN NPAGES -> the same count, and the accessed state is cleared"""
+    from kvmfs._native import lib
+    return _young(vm, lib.kvmfs_mmu_clear_young, as_id, gfn, npages)
+
+
 def vm_memslots(vm, ctx):
     return views.render_memslots(vm)
 
@@ -152,7 +169,7 @@ def vm_memslots(vm, ctx):
 VM_COMMANDS = {"create_vcpu": vm_create_vcpu, "set_user_memory_region": vm_set_user_memory_region,
                "get_dirty_log": vm_get_dirty_log, "enable_cap": vm_enable_cap,
                "set_tss_addr": vm_set_tss_addr, "memslots": vm_memslots,
-               "invalidate": vm_invalidate}
+               "invalidate": vm_invalidate, "test_young": vm_test_young, "clear_young": vm_clear_young}
 
 
 # --- vCPU --------------------------------------------------------------------------
@@ -189,6 +206,21 @@ def vcpu_get_sregs(vcpu, ctx):
     return "\n".join(lines) + "\n"
 
 
+def vcpu_set_sregs(vcpu, ctx, *assignments):
+    """set_sregs NAME=VALUE ...: cr0=0x11, cs.base=0, cs.selector=0, gdt.limit=0x17, ..."""
+    s = abi.kvm_sregs()
+    _call(vcpu, type(vcpu).get_sregs, ctx, struct=s)
+    for a in assignments:
+        name, value = a.split("=", 1)
+        obj, _, field = name.rpartition(".")
+        target = getattr(s, obj) if obj else s
+        if obj and obj not in abi.SEGMENTS + ("gdt", "idt") or field not in dict(type(target)._fields_):
+            raise ValueError(f"no register {name}")
+        setattr(target, field, _int(value))
+    _call(vcpu, type(vcpu).set_sregs, ctx, struct=s)
+    return "ok\n"
+
+
 def vcpu_run(vcpu, ctx):
     """run -> the exit: reason and its fields"""
     _call(vcpu, type(vcpu).run_ioctl, ctx)
@@ -215,4 +247,5 @@ def vcpu_interrupt(vcpu, ctx, irq):
 
 
 VCPU_COMMANDS = {"get_regs": vcpu_get_regs, "set_regs": vcpu_set_regs, "get_sregs": vcpu_get_sregs,
+                 "set_sregs": vcpu_set_sregs,
                  "run": vcpu_run, "interrupt": vcpu_interrupt}

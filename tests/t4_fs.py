@@ -301,3 +301,33 @@ def test_info_dirty_lists_logged_slots(mounted, kvm):
     assert vm.info("dirty/1.2").splitlines() == ["page gpa"]      # nothing written yet
     assert "1 2 0x0 0xfffff 0x100000 log_dirty" in vm.info("memslots")
     vm.close()
+
+
+def test_shell_runs_a_guest_and_reads_its_exits(mounted, tmp_path):
+    from kvmfs import vcpu as engine
+    if not engine.NATIVE:
+        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
+    # mov al, 0x41; out 0x10, al; inc byte [0x2000]; hlt  (real mode, loaded at gpa 0x1000)
+    (tmp_path / "g.bin").write_bytes(bytes.fromhex("b041" "e610" "fe060020" "f4"))
+    out = sh(f"""
+        set -e
+        exec 3<>cmd; echo create_vm >&3; read -r _ vm <&3; cd vm$vm
+        echo 'set_user_memory_region 0 0 0x0 0x10000' > cmd
+        dd if={tmp_path}/g.bin of=mem bs=4096 seek=1 conv=notrunc status=none
+        echo 'create_vcpu 0' > cmd
+        echo 'set_sregs cs.base=0 cs.selector=0' > vcpu0.cmd
+        echo 'set_regs rip=0x1000' > vcpu0.cmd
+        exec 4<>vcpu0.cmd
+        echo run >&4; cat <&4
+        echo run >&4; cat <&4
+        echo get_regs > vcpu0.cmd; grep rip vcpu0.cmd
+        echo 'test_young 0 2 1' > cmd; cat cmd
+        echo 'clear_young 0 2 1' > cmd; echo 'test_young 0 2 1' > cmd; cat cmd
+        dd if=mem bs=1 skip=8192 count=1 status=none | od -An -tx1
+    """, mounted)
+    lines = out.stdout.split("\n")
+    assert lines[:6] == ["exit_reason: IO", "direction: out", "size: 1", "port: 0x10", "count: 1",
+                         "data: 41"], out.stdout
+    assert "exit_reason: HLT" in lines
+    assert "rip: 0x1009" in lines, out.stdout                 # past the hlt at 0x1008
+    assert lines[-4:-1] == ["1", "0", " 01"], out.stdout        # young, cleared, memory written
