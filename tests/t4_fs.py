@@ -331,3 +331,24 @@ def test_shell_runs_a_guest_and_reads_its_exits(mounted, tmp_path):
     assert "exit_reason: HLT" in lines
     assert "rip: 0x1009" in lines, out.stdout                 # past the hlt at 0x1008
     assert lines[-4:-1] == ["1", "0", " 01"], out.stdout        # young, cleared, memory written
+
+
+def test_stat_json_describes_vms_slots_and_vcpus(mounted, kvm, tmp_path):
+    import json
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(MiB)
+    vm.set_user_memory_region(0, abi.KVM_MEM_LOG_DIRTY_PAGES, 0x100000, MiB, mem.address)
+    vcpu = vm.create_vcpu(1)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "kvmfs", "stat", mounted, "--json"], cwd=repo,
+                         capture_output=True, text=True, check=True).stdout
+    state = json.loads(out)["vms"][os.path.basename(vm.dir)]
+    assert state["owner_pid"] == os.getpid()
+    assert [(s["slot"], s["gpa_start"], s["size"], s["flags"]) for s in state["memslots"]] == \
+        [(0, 0x100000, MiB, "log_dirty")]
+    assert [v["id"] for v in state["vcpus"]] == [1]
+    bad = subprocess.run([sys.executable, "-m", "kvmfs", "stat", str(tmp_path)], cwd=repo,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "kvmfs mount DIR" in bad.stderr
+    vcpu.close()
+    vm.close()
