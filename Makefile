@@ -41,7 +41,7 @@ test-fast: $(SO) guests
 	@$(PY) -m pytest -q tests/t0_abi.py tests/t1_native_mmu.py tests/t2_vm.py tests/t3_vcpu.py
 
 bench: $(SO)
-	@$(PY) tools/bench.py
+	@$(PY) tools/bench.py $(BENCH_ARGS)
 
 mount: $(SO)
 	@mkdir -p $(MNT)
