@@ -48,6 +48,17 @@ def gpa(name):
     return int(m.group(1), 0) if m else DEFAULT_GPA
 
 
+def assemble_text(text, base=DEFAULT_GPA):
+    """Assemble guest source text linked at base; returns the image bytes (for tests)."""
+    with tempfile.TemporaryDirectory() as d:
+        src, out = os.path.join(d, "g.S"), os.path.join(d, "out.bin")
+        with open(src, "w") as f:
+            f.write(text)
+        _assemble(src, base, out)
+        with open(out, "rb") as f:
+            return f.read()
+
+
 def _assemble(src, base, out):
     with tempfile.TemporaryDirectory() as d:
         obj, elf = os.path.join(d, "g.o"), os.path.join(d, "g.elf")

@@ -85,37 +85,34 @@ class Vcpu:
                 self.run.exit_reason = abi.KVM_EXIT_UNKNOWN
                 raise e
 
-    def _get(self, ctype, fn, op, data):
-        ensure(fn(self._engine(op), ffi.cast(ctype + " *", data)), op)
-        return 0
-
-    def _set(self, ctype, fn, op, data):
+    def _state(self, ctype, fn, op, data):
+        """Get or set one register block in place in the FUSE argument buffer."""
         ensure(fn(self._engine(op), ffi.cast(ctype + " *", data)), op)
         return 0
 
     def get_regs(self, ctx, arg, data):
         """KVM_GET_REGS (vcpu): general registers, RIP and RFLAGS."""
-        return self._get("struct kvm_regs", lib.kvmfs_vcpu_get_regs, "KVM_GET_REGS", data)
+        return self._state("struct kvm_regs", lib.kvmfs_vcpu_get_regs, "KVM_GET_REGS", data)
 
     def set_regs(self, ctx, arg, data):
         """KVM_SET_REGS (vcpu)."""
-        return self._set("struct kvm_regs", lib.kvmfs_vcpu_set_regs, "KVM_SET_REGS", data)
+        return self._state("struct kvm_regs", lib.kvmfs_vcpu_set_regs, "KVM_SET_REGS", data)
 
     def get_sregs(self, ctx, arg, data):
         """KVM_GET_SREGS (vcpu): segments, descriptor tables, control registers, EFER."""
-        return self._get("struct kvm_sregs", lib.kvmfs_vcpu_get_sregs, "KVM_GET_SREGS", data)
+        return self._state("struct kvm_sregs", lib.kvmfs_vcpu_get_sregs, "KVM_GET_SREGS", data)
 
     def set_sregs(self, ctx, arg, data):
         """KVM_SET_SREGS (vcpu): EINVAL for control state hardware would refuse."""
-        return self._set("struct kvm_sregs", lib.kvmfs_vcpu_set_sregs, "KVM_SET_SREGS", data)
+        return self._state("struct kvm_sregs", lib.kvmfs_vcpu_set_sregs, "KVM_SET_SREGS", data)
 
     def get_fpu(self, ctx, arg, data):
         """KVM_GET_FPU (vcpu)."""
-        return self._get("struct kvm_fpu", lib.kvmfs_vcpu_get_fpu, "KVM_GET_FPU", data)
+        return self._state("struct kvm_fpu", lib.kvmfs_vcpu_get_fpu, "KVM_GET_FPU", data)
 
     def set_fpu(self, ctx, arg, data):
         """KVM_SET_FPU (vcpu)."""
-        return self._set("struct kvm_fpu", lib.kvmfs_vcpu_set_fpu, "KVM_SET_FPU", data)
+        return self._state("struct kvm_fpu", lib.kvmfs_vcpu_set_fpu, "KVM_SET_FPU", data)
 
     def interrupt(self, ctx, arg, data):
         """KVM_INTERRUPT (vcpu): queue an external interrupt; EINVAL for irq >= 256."""
