@@ -174,41 +174,26 @@ def render_stats(vm):
     return "".join(f"{k}: {v}\n" for k, v in out.items())
 
 
-SPTE_FLAGS = ((1, "W"), (2, "X"), (4, "A"), (8, "D"))
+def _native_text(fn, *args):
+    """Text a C view formats (no Python work per page), grown until it fits."""
+    size = 1 << 16
+    while True:
+        buf = ffi.new("char[]", size)
+        n = fn(*args, buf, size)
+        if n < 0:
+            return ""
+        if n <= size:
+            return ffi.unpack(buf, n).decode()
+        size = n + 4096
 
 
-def render_mmu(vm, limit=1 << 20):
-    out = ffi.new("struct kvmfs_spte_info[]", 4096)
-    n = lib.kvmfs_mmu_list_sptes(vm.mmu, out, 4096)
-    if n > 4096:
-        out = ffi.new("struct kvmfs_spte_info[]", min(n, limit))
-        n = lib.kvmfs_mmu_list_sptes(vm.mmu, out, min(n, limit))
-    lines = ["as gfn hva uphys perms"]
-    for i in range(min(n, len(out))):
-        s = out[i]
-        perms = "R" + "".join(c if s.flags & b else "-" for b, c in SPTE_FLAGS)
-        lines.append(f"{s.as_id} 0x{s.gfn:x} 0x{s.hva:x} 0x{s.uphys:x} {perms}")
-    return "\n".join(lines) + "\n"
+def render_mmu(vm):
+    return _native_text(lib.kvmfs_view_sptes, vm.mmu)
 
 
 def render_dirty(vm, name):
     as_id, sid = (int(x) for x in name.split("."))
-    info = ffi.new("struct kvmfs_slot_info *")
-    if lib.kvmfs_memslot_get(vm.mmu, as_id, sid, info) < 0:
-        return ""
-    nbytes = (info.npages + 63) // 64 * 8
-    buf = ffi.new("uint64_t[]", nbytes // 8)
-    if lib.kvmfs_dirty_peek(vm.mmu, as_id, sid, buf, nbytes) < 0:
-        return ""
-    lines = ["page gpa"]
-    for w in range(nbytes // 8):
-        word = buf[w]
-        while word:
-            bit = (word & -word).bit_length() - 1
-            page = w * 64 + bit
-            lines.append(f"{page} 0x{(info.base_gfn + page) << abi.PAGE_SHIFT:x}")
-            word &= word - 1
-    return "\n".join(lines) + "\n"
+    return _native_text(lib.kvmfs_view_dirty, vm.mmu, as_id, sid)
 
 
 def as_json(system):

@@ -252,3 +252,11 @@ struct kvmfs_vcpu_stats {
 	uint64_t insns_hint;      /* guest instructions, when counted */
 };
 void kvmfs_vcpu_get_stats(kvmfs_vcpu *v, struct kvmfs_vcpu_stats *out);
+
+/* ---------------------------------------------------------------- views.c --
+ * The per-page text views, formatted in C: at most size bytes of text go to
+ * buf; the return value is the length of the whole text (retry with a bigger
+ * buffer when it is more than size), or -errno.
+ */
+int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size);
+int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, char *buf, uint64_t size);

@@ -1,0 +1,87 @@
+/*
+ * views.c - the per-page text views (info/mmu, info/dirty/A.S), formatted in C
+ * so that a view of a big VM costs no Python work per page.
+ *
+ * Both functions write at most `size` bytes of text into buf and return the
+ * length the whole text needs; the caller retries with a bigger buffer when
+ * that is more than it gave.  Negative: -errno.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvmfs_internal.h"
+
+struct text {
+	char *buf;
+	uint64_t size, len;
+};
+
+static void put(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void put(struct text *t, const char *fmt, ...)
+{
+	char line[128];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(line, sizeof line, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		return;
+	if (t->len < t->size)
+		memcpy(t->buf + t->len, line, t->size - t->len < (uint64_t)n ? t->size - t->len : (uint64_t)n);
+	t->len += (uint64_t)n;
+}
+
+int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size)
+{
+	struct text t = {buf, size, 0};
+	int n = kvmfs_mmu_list_sptes(mmu, NULL, 0), got;
+	struct kvmfs_spte_info *s;
+
+	/* sptes may come and go between the two calls: list what is there then */
+	s = malloc((size_t)(n + 64) * sizeof *s);
+	if (!s)
+		return -ENOMEM;
+	got = kvmfs_mmu_list_sptes(mmu, s, n + 64);
+	if (got > n + 64)
+		got = n + 64;
+	put(&t, "as gfn hva uphys perms\n");
+	for (int i = 0; i < got; i++)
+		put(&t, "%u 0x%llx 0x%llx 0x%llx R%c%c%c%c\n", s[i].as_id, (unsigned long long)s[i].gfn,
+		    (unsigned long long)s[i].hva, (unsigned long long)s[i].uphys,
+		    s[i].flags & KVMFS_SPTE_W ? 'W' : '-', s[i].flags & KVMFS_SPTE_X ? 'X' : '-',
+		    s[i].flags & KVMFS_SPTE_A ? 'A' : '-', s[i].flags & KVMFS_SPTE_D ? 'D' : '-');
+	free(s);
+	return (int64_t)t.len;
+}
+
+int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, char *buf, uint64_t size)
+{
+	struct text t = {buf, size, 0};
+	struct kvmfs_slot_info info;
+	uint64_t *bitmap, words;
+	int rc = kvmfs_memslot_get(mmu, as_id, id, &info);
+
+	if (rc < 0)
+		return rc;
+	words = (info.npages + 63) / 64;
+	bitmap = calloc(words ? words : 1, 8);
+	if (!bitmap)
+		return -ENOMEM;
+	rc = kvmfs_dirty_peek(mmu, as_id, id, bitmap, words * 8);
+	if (rc < 0) {
+		free(bitmap);
+		return rc;
+	}
+	put(&t, "page gpa\n");
+	for (uint64_t w = 0; w < words; w++)
+		for (uint64_t word = bitmap[w]; word; word &= word - 1) {
+			uint64_t page = w * 64 + (uint64_t)__builtin_ctzll(word);
+			put(&t, "%llu 0x%llx\n", (unsigned long long)page,
+			    (unsigned long long)((info.base_gfn + page) << PAGE_SHIFT));
+		}
+	free(bitmap);
+	return (int64_t)t.len;
+}
