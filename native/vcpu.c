@@ -49,6 +49,9 @@
 #define ENV_OFF 40                    /* CPUX86State inside a uc_context */
 #define E_RIP 128
 #define E_RFLAGS 136
+#define E_CC_SRC 152
+#define E_CC_OP 168
+#define E_DF 172
 #define E_HFLAGS 176
 #define E_SEGS 184                    /* es cs ss ds fs gs, 24 bytes each */
 #define E_LDT 328
@@ -165,6 +168,7 @@ struct kvmfs_vcpu {
 	uint64_t intr_rip;
 	int step_left;
 	uint64_t cur_pc;
+	uint32_t cur_size;
 	bool yielded;
 
 	/* port I/O */
@@ -172,6 +176,10 @@ struct kvmfs_vcpu {
 	uint32_t pio_avail, pio_idx, pio_size;
 	uint64_t saved_rax, saved_rip, saved_rcx, saved_rdi;
 	bool saved_string;
+	bool out_string;                  /* the last OUT exit came from OUTS */
+	bool out_pending;                 /* RIP left on an OUT: the next run skips it */
+	uint64_t out_rip, out_next;
+	uint32_t out_len;
 
 	/* MMIO single-step */
 	bool mmio_step;
@@ -244,7 +252,16 @@ struct segc { uint32_t selector; uint32_t pad; uint64_t base; uint32_t limit; ui
 static inline struct segc *seg(kvmfs_vcpu *v, int r) { return (struct segc *)(env(v) + E_SEGS + 24 * r); }
 static inline struct segc *segat(kvmfs_vcpu *v, int off) { return (struct segc *)(env(v) + off); }
 
-static void env_load(kvmfs_vcpu *v) { uc_context_save(v->uc, v->ctx); }
+static uint64_t rreg(kvmfs_vcpu *v, int r);
+
+/* The env copy's eflags holds the full RFLAGS (QEMU keeps the arithmetic
+ * flags lazily in CC_SRC/CC_OP and DF in df; env_store folds them back). */
+static void env_load(kvmfs_vcpu *v)
+{
+	uint64_t fl = rreg(v, UC_X86_REG_RFLAGS);
+	uc_context_save(v->uc, v->ctx);
+	ENV64(v, E_RFLAGS) = fl | 2;
+}
 
 /* Recompute the hflags QEMU derives from segments and control registers. */
 static void env_fix_hflags(kvmfs_vcpu *v)
@@ -286,6 +303,10 @@ static void env_fix_hflags(kvmfs_vcpu *v)
 
 static void env_store(kvmfs_vcpu *v)
 {
+	uint64_t fl = ENV64(v, E_RFLAGS);
+	ENV64(v, E_CC_SRC) = fl & 0x8d5;              /* O S Z A P C */
+	ENV32(v, E_CC_OP) = 1;                        /* CC_OP_EFLAGS */
+	ENV32(v, E_DF) = (fl & 0x400) ? -1 : 1;
 	env_fix_hflags(v);
 	uc_context_restore(v->uc, v->ctx);
 	uc_ctl_flush_tlb(v->uc);
@@ -431,6 +452,7 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 	kvmfs_vcpu *v = ud;
 
 	v->cur_pc = addr;
+	v->cur_size = size;
 	if (__builtin_expect(!v->attn, 1))
 		return;
 	int a = v->attn;
@@ -459,6 +481,8 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 	}
 }
 
+static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize);
+
 static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, void *ud)
 {
 	kvmfs_vcpu *v = ud;
@@ -472,11 +496,16 @@ static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, voi
 	run->io.count = 1;
 	run->io.data_offset = 4096;
 	memcpy((uint8_t *)run + 4096, &value, size);
+	int asize;
+	bool rep;
+	decode_ins(v, &v->out_string, &rep, &asize);
+	v->out_len = v->cur_size;         /* the code hook of the next insn may run */
 	v->why = WHY_OUT;
 	uc_emu_stop(uc);
 }
 
-/* Decode the prefixes of the instruction at the current pc: is it INS, with REP? */
+/* Decode the prefixes of the instruction at the current pc: is it INS or
+ * OUTS (string I/O), with REP? */
 static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize)
 {
 	uint8_t b[15];
@@ -492,7 +521,7 @@ static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize)
 		if (c == 0x66 || c == 0x26 || c == 0x2e || c == 0x36 || c == 0x3e ||
 		    c == 0x64 || c == 0x65 || (c >= 0x40 && c <= 0x4f))
 			continue;
-		*string = c == 0x6c || c == 0x6d;
+		*string = c >= 0x6c && c <= 0x6f;
 		return;
 	}
 }
@@ -1113,10 +1142,20 @@ static int mmio_instruction(kvmfs_vcpu *v)
 	return 0;
 }
 
-/* Completion of the previous exit (IN data, MMIO read data). */
+/* Completion of the previous exit (OUT, IN data, MMIO read data). */
 static int complete_pending(kvmfs_vcpu *v)
 {
 	struct kvm_run *run = v->run;
+
+	if (v->out_pending) {
+		/* as KVM's complete_fast_pio_out: skip the OUT unless userspace
+		 * moved RIP meanwhile */
+		v->out_pending = false;
+		v->why = WHY_NONE;
+		if (rreg(v, UC_X86_REG_RIP) == v->out_rip)
+			wreg(v, UC_X86_REG_RIP, v->out_next);
+		return 0;
+	}
 
 	if (v->writes_reported && v->writes_reported < v->nwrites) {
 		struct mmio_acc *a = &v->writes[v->writes_reported++];
@@ -1160,6 +1199,16 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 
 	switch (v->why) {
 	case WHY_OUT:
+		/* VMX/SVM fast PIO: RIP stays on OUT until the next KVM_RUN
+		 * completes it.  String OUTS are emulated: unicorn's per-element
+		 * state (RCX/RSI stepped, RIP on the instruction even after the
+		 * last element, measured on KVM too) is already right. */
+		if (!v->out_string) {
+			v->out_next = rreg(v, UC_X86_REG_RIP);
+			v->out_rip = v->out_next - v->out_len;
+			v->out_pending = true;
+			wreg(v, UC_X86_REG_RIP, v->out_rip);
+		}
 		*rc = exit_to(v, 2);
 		return 1;
 	case WHY_IN:
@@ -1294,7 +1343,7 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 		goto out;
 
 	if (run->immediate_exit) {
-		if (v->pending != PEND_NONE) {
+		if (v->pending != PEND_NONE || v->out_pending) {
 			int r = complete_pending(v);
 			(void)r;
 		}
@@ -1306,7 +1355,7 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 		rc = exit_to(v, 8);
 		goto out;
 	}
-	if (v->pending != PEND_NONE || v->writes_reported) {
+	if (v->pending != PEND_NONE || v->writes_reported || v->out_pending) {
 		int r = complete_pending(v);
 		if (r < 0) { rc = r; goto out; }
 		if (r > 0) { rc = 0; goto out; }

@@ -143,6 +143,52 @@ def test_out_is_precise_inside_a_block(vm):
     assert c.regs().rax & 0xffff == 2
 
 
+@pytest.mark.parametrize("insn,ilen", [
+    ("out %al,%dx", 1), ("out %ax,%dx", 1), ("out %eax,%dx", 2),
+    ("out %al,$0x10", 2), ("out %eax,$0x10", 3)])
+def test_out_exit_rip_on_the_instruction(vm, insn, ilen):
+    # VMX/SVM fast PIO: RIP stays on the OUT until the next KVM_RUN skips it
+    c = start_real(vm, "mov $0x10,%dx\n" + insn + "\nhlt\n")     # mov: 3 bytes
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.direction == 1
+    assert c.regs().rip == 0x1003
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.regs().rip == 0x1003 + ilen + 1
+
+
+def test_out_exit_rip_long_mode(vm):
+    code = assemble_text(".code64\nmov $0x10,%dx\nout %eax,%dx\nout %al,$0x11\nhlt\n", 0x100000)
+    vm.load(0x100000, code)
+    c = vm.vcpu()
+    long_mode(vm, c, 0x100000)
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x10
+    assert c.regs().rip == 0x100004
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x11
+    assert c.regs().rip == 0x100005
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x100008
+
+
+def test_immediate_exit_completes_out(vm):
+    c = start_real(vm, "mov $0x10,%dx\nout %al,%dx\nhlt\n")
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.regs().rip == 0x1003
+    c.run.immediate_exit = 1
+    assert c.go() == -4 and c.run.exit_reason == EXIT_IO
+    assert c.regs().rip == 0x1004
+    c.run.immediate_exit = 0
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1005
+
+
+def test_out_skip_follows_userspace_rip(vm):
+    # KVM skips the OUT only if RIP is still on it (complete_fast_pio_out)
+    c = start_real(vm, "mov $0x10,%dx\nout %al,%dx\nhlt\nhlt\n")
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    c.set_regs(rip=0x1003)                         # same RIP: still skipped
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1005
+    c.set_regs(rip=0x1003)
+    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.regs().rip == 0x1003
+    c.set_regs(rip=0x1005)                         # moved: no skip
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1006
+
+
 @pytest.mark.parametrize("insn,size,mask", [
     ("in %dx,%al", 1, 0xff), ("in %dx,%ax", 2, 0xffff), ("in %dx,%eax", 4, 0xffffffff)])
 def test_in(vm, insn, size, mask):
@@ -168,8 +214,11 @@ def test_rep_outsb(vm):
         got.append(c.io_data(1))
         r = c.regs()
         assert r.rcx & 0xffff == 2 - i and r.rsi & 0xffff == 0x3001 + i
+        # emulated string I/O: RIP on the instruction at every element (the
+        # last one too, measured); the next run retires it
+        assert r.rip == 0x100a
     assert b"".join(got) == b"abc"
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x100d
 
 
 def test_rep_insb(vm):
