@@ -1448,11 +1448,6 @@ KVMFS_API int kvmfs_vcpu_set_regs(kvmfs_vcpu *v, const struct kvm_regs *in)
 	ENV64(v, E_RIP) = in->rip;
 	ENV64(v, E_RFLAGS) = in->rflags | 2;
 	env_store(v);
-	/* The restored copy loses the arithmetic flags (measured: 0x246 read back
-	 * as 0x202); the API's write loads them into QEMU's lazy CC state.  It
-	 * runs no mode helpers unless VM is set, which the copy above handled. */
-	if (!(in->rflags & RF_VM))
-		wreg(v, UC_X86_REG_RFLAGS, in->rflags | 2);
 	/* new register state cancels a pending IN/MMIO completion */
 	v->pending = PEND_NONE;
 	v->nreads = 0;
