@@ -61,7 +61,11 @@ def execute(obj, ctx, text):
             elif isinstance(obj, Vcpu):
                 obj.vm.check_owner(ctx)
             try:
-                reply = fn(obj, ctx, *words[1:])
+                if isinstance(obj, Vcpu):
+                    with obj.lock:          # as the vCPU ioctls: one at a time per vCPU
+                        reply = fn(obj, ctx, *words[1:])
+                else:
+                    reply = fn(obj, ctx, *words[1:])
             except (TypeError, ValueError, AttributeError) as e:
                 raise KvmError(errno.EINVAL, words[0], f"bad arguments: {e}")
         except KvmError as e:

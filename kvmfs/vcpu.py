@@ -10,8 +10,10 @@ GIL is released inside C for the whole emulation.
 """
 import errno
 import logging
+import functools
 import mmap
 import os
+import threading
 
 from kvmfs import abi, procmem
 from kvmfs._native import ensure, ffi, lib
@@ -22,12 +24,23 @@ log = logging.getLogger("kvmfs.vcpu")
 NATIVE = hasattr(lib, "kvmfs_vcpu_new")
 
 
+def _serialized(handler):
+    """vCPU ioctls run one at a time per vCPU, as under KVM's vcpu->mutex: a
+    KVM_GET_REGS issued while KVM_RUN is in the guest waits for the exit."""
+    @functools.wraps(handler)
+    def locked(self, ctx, arg, data):
+        with self.lock:
+            return handler(self, ctx, arg, data)
+    return locked
+
+
 class Vcpu:
     UNKNOWN_IOCTL_ERRNO = errno.EINVAL   # spec 3.3: vCPU fds answer EINVAL, not ENOTTY
 
     def __init__(self, vm, vcpu_id):
         self.vm = vm
         self.id = vcpu_id
+        self.lock = threading.Lock()
         self.run_path = os.path.join(vm.system.run_dir, f"vm{vm.id}-vcpu{vcpu_id}.run")
         fd = os.open(self.run_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -179,6 +192,7 @@ class Vcpu:
         abi.KVM_SET_GUEST_DEBUG: set_guest_debug,
         abi.KVM_SMI: smi,
     } if NATIVE else {}
+    IOCTLS = {cmd: _serialized(fn) for cmd, fn in IOCTLS.items()}
 
     # --- views ---------------------------------------------------------------------
     def stats(self):

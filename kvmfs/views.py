@@ -115,8 +115,15 @@ def vcpu_state(v):
         return out
     regs = ffi.new("struct kvm_regs *")
     sregs = ffi.new("struct kvm_sregs *")
-    lib.kvmfs_vcpu_get_regs(v.native, regs)
-    lib.kvmfs_vcpu_get_sregs(v.native, sregs)
+    if not v.lock.acquire(blocking=False):     # in KVM_RUN: registers are the guest's, moving
+        out["state"] = "running"
+        out["runs"] = st.runs
+        return out
+    try:
+        lib.kvmfs_vcpu_get_regs(v.native, regs)
+        lib.kvmfs_vcpu_get_sregs(v.native, sregs)
+    finally:
+        v.lock.release()
     for name in abi.kvm_regs._fields_:
         out[name[0]] = getattr(regs, name[0])
     for name in ("cr0", "cr2", "cr3", "cr4", "efer", "apic_base"):

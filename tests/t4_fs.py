@@ -352,3 +352,44 @@ def test_stat_json_describes_vms_slots_and_vcpus(mounted, kvm, tmp_path):
     assert bad.returncode == 1 and "kvmfs mount DIR" in bad.stderr
     vcpu.close()
     vm.close()
+
+
+def test_vcpu_ioctls_wait_for_a_running_kvm_run(mounted, kvm):
+    """As under KVM's vcpu mutex: KVM_GET_REGS during KVM_RUN waits; the view says running."""
+    import threading
+    from kvmfs import vcpu as engine
+    if not engine.NATIVE:
+        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(0x10000)
+    mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
+    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
+    vcpu = vm.create_vcpu(0)
+    s = vcpu.get_sregs()
+    s.cs.selector, s.cs.base = 0, 0
+    vcpu.set_sregs(s)
+    r = vcpu.get_regs()
+    r.rip = 0x1000
+    vcpu.set_regs(r)
+    old = signal.signal(signal.SIGUSR1, lambda *a: None)
+    runner = threading.Thread(target=lambda: pytest.raises(OSError, vcpu.run))
+    runner.start()
+    try:
+        time.sleep(0.1)
+        assert "state: running" in vm.info("vcpu0")
+        got = {}
+        reader = threading.Thread(target=lambda: got.update(rip=vcpu.get_regs().rip))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and not got               # waits while the guest runs
+        for _ in range(50):
+            signal.pthread_kill(runner.ident, signal.SIGUSR1)
+            runner.join(0.1)
+            if not runner.is_alive():
+                break
+        reader.join(5)
+        assert got["rip"] == 0x1000                         # then answers, with the loop's RIP
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    vcpu.close()
+    vm.close()
