@@ -9,8 +9,9 @@
  * Write-protection protocol (the invariant of kvmfs_internal.h: in a logging
  * slot an spte is writable only if its dirty bit is set):
  *   1. a harvested or cleared bit is reset in the bitmap;
- *   2. the same pages' sptes lose W (found by page index in slot->sptes, so
- *      the cost is O(pages reported), not O(slot size));
+ *   2. the same pages' sptes lose W: W lives in slot->wbits, indexed like
+ *      the dirty bitmap, so a word of 64 pages is one AND-NOT and no spte is
+ *      touched (the cost is O(words reported), not O(slot size));
  *   3. if any spte lost W, every vCPU's TLB is flushed before returning, so
  *      the next guest write to such a page faults into translate, which sets
  *      the bit again and restores W.
@@ -37,24 +38,14 @@ static struct kvmfs_slot *logging_slot(kvmfs_mmu *mmu, uint32_t as_id, uint32_t 
 }
 
 /* Steps 1-2 for the set bits of `bits` in word w; returns whether an spte lost W. */
-static bool reprotect_word(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t w, uint64_t bits)
+static inline bool reprotect_word(struct kvmfs_slot *s, uint64_t w, uint64_t bits)
 {
-	bool any = false;
-
 	s->dirty[w] &= ~bits;
 	s->dirty_count -= __builtin_popcountll(bits);
-	if (!s->sptes)
+	if (!s->wbits || !(s->wbits[w] & bits))
 		return false;
-	while (bits) {
-		uint64_t idx = w * 64 + __builtin_ctzll(bits);
-		struct kvmfs_spte *sp = s->sptes[idx];
-		bits &= bits - 1;
-		if (sp && (sp->flags & KVMFS_SPTE_W)) {
-			sp->flags &= ~KVMFS_SPTE_W;
-			any = true;
-		}
-	}
-	return any;
+	s->wbits[w] &= ~bits;
+	return true;
 }
 
 int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
@@ -81,7 +72,7 @@ int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, 
 	if (!(mmu->manual_protect & KVMFS_MANUAL_ENABLE) && s->dirty_count) {
 		for (uint64_t w = 0; w < words; w++)
 			if (s->dirty[w])
-				flush |= reprotect_word(mmu, s, w, s->dirty[w]);
+				flush |= reprotect_word(s, w, s->dirty[w]);
 	}
 	if (flush)
 		kvmfs_mmu_flush_remote(mmu);
@@ -118,7 +109,7 @@ int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t 
 		/* only pages that were dirty are re-protected (KVM's fetch_andnot) */
 		m &= s->dirty[w];
 		if (m)
-			flush |= reprotect_word(mmu, s, w, m);
+			flush |= reprotect_word(s, w, m);
 	}
 	if (flush)
 		kvmfs_mmu_flush_remote(mmu);

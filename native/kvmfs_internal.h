@@ -56,12 +56,15 @@ struct kvmfs_slot;
 
 /*
  * One spte: the TDP-style mapping of one gfn of one slot onto host memory.
- * flags are KVMFS_SPTE_* (W X A D).  Invariants:
+ * flags are KVMFS_SPTE_* X A D; W is not kept here but in the slot's wbits
+ * bitmap (bit gfn - base_gfn), so that re-protecting a word of 64 dirty pages
+ * is one AND and never touches the sptes.  Invariants:
  *  - it is reachable from exactly two places: slot->sptes[gfn - base_gfn]
  *    (the gfn rmap) and the list of its host range (hm[hm_idx].sptes, the
  *    host-page rmap);
- *  - W clear means the next guest write must come back to translate (dirty
- *    logging write protection, or a READONLY slot);
+ *  - W (the wbits bit) is set only for a page that has an spte; clear means
+ *    the next guest write must come back to translate (dirty logging write
+ *    protection, or a READONLY slot);
  *  - in a logging slot, W set implies the page's dirty bit is set;
  *  - any change that removes a permission or a mapping is followed by a
  *    remote flush before the lock is released for good.
@@ -87,6 +90,7 @@ struct kvmfs_slot {
 	uint64_t *dirty;          /* ALIGN(npages, 64) / 64 words while logging, else NULL */
 	uint64_t dirty_count;     /* bits set in dirty */
 	struct kvmfs_spte **sptes; /* npages entries, allocated at the first fill */
+	uint64_t *wbits;          /* writable sptes, indexed as dirty; allocated with sptes */
 	uint64_t nsptes;
 };
 
@@ -101,6 +105,8 @@ struct kvmfs_hostmem {
 	uint64_t hva, size, uphys;      /* size 0: removed (index kept) */
 	void *ptr;
 	struct kvmfs_spte *sptes;       /* sptes mapping pages of this range */
+	uint64_t *populated;            /* pages already populated (fault-around), lazy */
+	uint32_t populating;            /* madvise() calls in flight without the lock */
 };
 
 struct kvmfs_mmu {
@@ -116,6 +122,7 @@ struct kvmfs_mmu {
 	struct kvmfs_spte *spte_free;
 	struct spte_chunk *chunks;
 	uint32_t manual_protect;        /* KVMFS_MANUAL_* */
+	bool no_populate;               /* MADV_POPULATE_READ unsupported (EINVAL) */
 	uint64_t flush_gen;
 	struct kvmfs_flush_client **clients;
 	int nclients, cap_clients;

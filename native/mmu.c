@@ -10,7 +10,8 @@
  * drops it in the middle of an operation is the remote flush, which waits for
  * vCPU acknowledgements with the lock RELEASED (see flush_remote()), always as
  * the last step of the operation, after which the caller touches nothing it
- * looked up before.  kick() callbacks are called with the lock held: they
+ * looked up before.  (translate's fault-around madvise() runs after the lock
+ * is dropped, on a mapping kvmfs_hostmem_remove() keeps alive for it.)  kick() callbacks are called with the lock held: they
  * must only stop the emulator and never call back into this file.
  *
  * Data structures (why they look like this):
@@ -20,9 +21,11 @@
  *    base_gfn.  Lookup and the overlap check are binary searches; insertion
  *    and deletion memmove pointers only, which stays flat up to 32764 slots;
  *  - sptes: per slot, an array of spte pointers indexed by (gfn - base_gfn),
- *    allocated at the first fill.  It is the gfn rmap: zapping a slot,
- *    write-protecting dirty pages and aging walk it by page index, so
- *    re-protecting after KVM_GET_DIRTY_LOG is O(dirty pages);
+ *    allocated at the first fill.  It is the gfn rmap: zapping a slot and
+ *    aging walk it by page index;
+ *  - write permission: per slot, a bitmap (wbits) indexed like the dirty
+ *    bitmap, allocated with the spte array, so re-protecting after
+ *    KVM_GET_DIRTY_LOG is one AND-NOT per 64 pages, O(dirty words);
  *  - host-page rmap: each host range keeps a doubly linked list of the sptes
  *    pointing into it, so an MMU-notifier invalidation finds them without a
  *    scan of all slots;
@@ -34,6 +37,7 @@
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #include "kvmfs_internal.h"
@@ -43,6 +47,20 @@
 #define UPHYS_BASE (1ull << 40)
 #define UPHYS_LIMIT (1ull << 51)
 #define MAX_GFN ((1ull << (52 - PAGE_SHIFT)) - 1) /* x86 MAXPHYADDR 52 */
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22       /* Linux 5.14 */
+#endif
+/*
+ * Fault-around: the first spte in an aligned block of this many bytes of the
+ * daemon's mapping populates the whole block (clipped to the slot and the host
+ * range) with one madvise(MADV_POPULATE_READ), instead of the daemon taking a
+ * host minor fault on each page as the guest first touches it.  Populating
+ * allocates memfd pages the VMM may never have touched, so the block stays
+ * small: a sparse guest grows by at most 15 pages per page it touches (the
+ * kernel's own fault_around_bytes is 64 KiB too).  2 MiB blocks are only
+ * ~20 ns/page cheaper (measured) but would commit 2 MiB per touched page.
+ */
+#define POPULATE_BYTES (64ull << 10)
 
 /* ------------------------------------------------------------ allocation -- */
 
@@ -93,6 +111,7 @@ static void slot_free(struct kvmfs_slot *s)
 {
 	free(s->dirty);
 	free(s->sptes);
+	free(s->wbits);
 	free(s);
 }
 
@@ -112,6 +131,8 @@ void kvmfs_mmu_free(kvmfs_mmu *mmu)
 		mmu->chunks = c->next;
 		free(c);
 	}
+	for (int i = 0; i < mmu->hm_n; i++)
+		free(mmu->hm[i].populated);
 	free(mmu->hm);
 	free(mmu->hm_sorted);
 	free(mmu->clients);
@@ -276,6 +297,8 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr)
 	h->ptr = ptr;
 	h->uphys = mmu->uphys_next;
 	h->sptes = NULL;
+	h->populated = NULL;
+	h->populating = 0;
 	mmu->uphys_next += span;
 	memmove(&mmu->hm_sorted[i + 1], &mmu->hm_sorted[i], (mmu->hm_nsorted - i) * sizeof(int));
 	mmu->hm_sorted[i] = mmu->hm_n;
@@ -321,6 +344,7 @@ static void spte_drop(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx)
 
 	hm_unlink(mmu, sp);
 	s->sptes[idx] = NULL;
+	s->wbits[idx / 64] &= ~(1ull << (idx % 64));
 	s->nsptes--;
 	sp->hm_next = mmu->spte_free;
 	mmu->spte_free = sp;
@@ -336,24 +360,24 @@ static void zap_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s)
 			spte_drop(mmu, s, i);
 	free(s->sptes);
 	s->sptes = NULL;
+	free(s->wbits);
+	s->wbits = NULL;
 }
 
+/* Clear W on every spte of a slot: a word of wbits at a time. */
 bool kvmfs_mmu_wp_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s)
 {
-	uint64_t left = s->nsptes;
-	bool any = false;
+	uint64_t words = (s->npages + 63) / 64;
+	uint64_t any = 0;
 
-	for (uint64_t i = 0; left && i < s->npages; i++) {
-		struct kvmfs_spte *sp = s->sptes[i];
-		if (!sp)
-			continue;
-		left--;
-		if (sp->flags & KVMFS_SPTE_W) {
-			sp->flags &= ~KVMFS_SPTE_W;
-			any = true;
-		}
+	(void)mmu;
+	if (!s->wbits)
+		return false;
+	for (uint64_t w = 0; w < words; w++) {
+		any |= s->wbits[w];
+		s->wbits[w] = 0;
 	}
-	return any;
+	return any != 0;
 }
 
 static struct kvmfs_spte *spte_create(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx, int hmi,
@@ -364,8 +388,14 @@ static struct kvmfs_spte *spte_create(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint
 
 	if (!s->sptes) {
 		s->sptes = calloc(s->npages, sizeof(*s->sptes));
-		if (!s->sptes)
+		s->wbits = calloc((s->npages + 63) / 64, sizeof(uint64_t));
+		if (!s->sptes || !s->wbits) {
+			free(s->sptes);
+			free(s->wbits);
+			s->sptes = NULL;
+			s->wbits = NULL;
 			return NULL;
+		}
 	}
 	sp = spte_alloc(mmu);
 	if (!sp)
@@ -375,12 +405,12 @@ static struct kvmfs_spte *spte_create(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint
 	sp->uphys = h->uphys + (hva - h->hva);
 	sp->hm_idx = hmi;
 	sp->slot = s;
-	/* KVMFS_SPTE_W: the slot lets the guest write this page now.  Invariant
+	/* W (wbits): the slot lets the guest write this page now.  Invariant
 	 * for logging slots: W implies the page's dirty bit is set, so clearing
 	 * a bit always goes with clearing W (dirty.c). */
 	sp->flags = KVMFS_SPTE_X;
 	if (!(s->flags & (KVM_MEM_READONLY | KVM_MEM_LOG_DIRTY_PAGES)))
-		sp->flags |= KVMFS_SPTE_W;
+		s->wbits[idx / 64] |= 1ull << (idx % 64);
 	sp->hm_prev = NULL;
 	sp->hm_next = h->sptes;
 	if (h->sptes)
@@ -779,12 +809,23 @@ int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void **ptr
 		sizes[removed] = h->size;
 		removed++;
 		h->size = 0;    /* the index stays: vcpu.c keys its unicorn mappings by it */
+		free(h->populated);
+		h->populated = NULL;
 		memmove(&mmu->hm_sorted[i], &mmu->hm_sorted[i + 1],
 			(mmu->hm_nsorted - i - 1) * sizeof(int));
 		mmu->hm_nsorted--;
 	}
 	if (flush)
 		kvmfs_mmu_flush_remote(mmu);
+	/*
+	 * The caller munmaps what we return: first let a fault-around madvise()
+	 * still running on a removed range (translate runs it without the lock)
+	 * finish.  No new one can start there, the ranges being gone.
+	 */
+	for (int i = 0; removed && i < mmu->hm_n; i++) {
+		while (!mmu->hm[i].size && mmu->hm[i].populating)
+			pthread_cond_wait(&mmu->flush_cv, &mmu->lock);
+	}
 	pthread_mutex_unlock(&mmu->lock);
 	return removed;
 }
@@ -895,16 +936,87 @@ void kvmfs_mmu_mark_dirty(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx)
 	}
 }
 
+/*
+ * Fault-around (POPULATE_BYTES): plan the populate for a new spte of page
+ * hva, in slot s and host range hi (lock held).  The block is clipped to the
+ * host range and to the slot, and its pages are marked in h->populated at
+ * once, so each page is populated at most once per host range whatever the
+ * slots over it.  Returns whether a madvise() is due (then h->populating was
+ * raised; populate_run() drops it).
+ */
+static bool populate_plan(kvmfs_mmu *mmu, struct kvmfs_slot *s, int hi, uint64_t hva,
+			  void **p, size_t *len)
+{
+	struct kvmfs_hostmem *h = &mmu->hm[hi];
+	uint64_t pg = (hva - h->hva) >> PAGE_SHIFT, d, lo, end, slot_end;
+
+	if (mmu->no_populate)
+		return false;
+	if (!h->populated) {
+		h->populated = calloc((h->size / PAGE_SIZE + 63) / 64, sizeof(uint64_t));
+		if (!h->populated)
+			return false;
+	}
+	if (h->populated[pg / 64] & (1ull << (pg % 64)))
+		return false;
+	/* align in the daemon's address space (its page tables), clip in hva */
+	d = (uint64_t)(uintptr_t)h->ptr + (hva - h->hva);
+	lo = hva - (d & (POPULATE_BYTES - 1));
+	end = lo + POPULATE_BYTES;
+	slot_end = s->hva + (s->npages << PAGE_SHIFT);
+	if (lo < h->hva)
+		lo = h->hva;
+	if (lo < s->hva)
+		lo = s->hva;
+	if (end > h->hva + h->size)
+		end = h->hva + h->size;
+	if (end > slot_end)
+		end = slot_end;
+	for (uint64_t i = (lo - h->hva) >> PAGE_SHIFT; i < (end - h->hva) >> PAGE_SHIFT; i++)
+		h->populated[i / 64] |= 1ull << (i % 64);
+	if (end - lo <= PAGE_SIZE)
+		return false;   /* just this page: the access itself faults it in */
+	*p = (char *)h->ptr + (lo - h->hva);
+	*len = end - lo;
+	h->populating++;
+	return true;
+}
+
+/*
+ * Run a planned populate WITHOUT the lock (a 64 KiB block costs a few us; other
+ * vCPUs' fills need not wait).  The mapping cannot go away meanwhile:
+ * kvmfs_hostmem_remove() waits for h->populating to drop before its caller
+ * munmaps.  MADV_POPULATE_READ rather than _WRITE even for a write: on the
+ * shared memfd (shmem) mappings the daemon uses, a read fault maps the page
+ * writable and maps up to 16 neighbours at once (the kernel's fault-around),
+ * measured 2.5x cheaper per page than POPULATE_WRITE, and the later write
+ * takes no fault.  Errors only cost speed: the access then faults as before;
+ * EINVAL (kernel < 5.14, or a mapping that cannot be populated) turns it off.
+ */
+static void populate_run(kvmfs_mmu *mmu, int hi, void *p, size_t len)
+{
+	int err = madvise(p, len, MADV_POPULATE_READ) ? errno : 0;
+
+	pthread_mutex_lock(&mmu->lock);
+	if (err == EINVAL)
+		mmu->no_populate = true;
+	if (!--mmu->hm[hi].populating)
+		pthread_cond_broadcast(&mmu->flush_cv);
+	pthread_mutex_unlock(&mmu->lock);
+}
+
 int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vaddr,
 			int access, struct kvmfs_xlate *out)
 {
 	struct kvmfs_walk w;
 	struct kvmfs_slot *s;
 	struct kvmfs_spte *sp;
-	uint64_t gfn, idx;
+	uint64_t gfn, idx, wbit, *wword;
 	uint32_t as_id = pg->as_id;
 	bool write = access == KVMFS_ACC_WRITE;
-	int rc = 0;
+	void *pop_ptr = NULL;
+	size_t pop_len = 0;
+	int rc = 0, pop_hi = -1;
 
 	if (as_id >= KVMFS_ADDRESS_SPACES)
 		return -EINVAL;
@@ -952,9 +1064,13 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 			rc = -ENOMEM;
 			goto out;
 		}
+		if (populate_plan(mmu, s, hi, hva, &pop_ptr, &pop_len))
+			pop_hi = hi;
 	}
+	wword = &s->wbits[idx / 64];
+	wbit = 1ull << (idx % 64);
 	if (write) {
-		if (!(sp->flags & KVMFS_SPTE_W)) {
+		if (!(*wword & wbit)) {
 			/*
 			 * Write-protect fault.  In a logging slot the page was
 			 * clean: log it and let writes through until the next
@@ -965,7 +1081,7 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 				kvmfs_mmu_mark_dirty(mmu, s, idx);
 				mmu->stats.wp_faults++;
 			}
-			sp->flags |= KVMFS_SPTE_W;
+			*wword |= wbit;
 		}
 		sp->flags |= KVMFS_SPTE_D;
 	}
@@ -980,13 +1096,15 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 	 */
 	sp->flags |= KVMFS_SPTE_A;
 	out->perms = w.perms & (PROT_R | PROT_X);
-	if ((w.perms & PROT_W) && (sp->flags & KVMFS_SPTE_W) &&
+	if ((w.perms & PROT_W) && (*wword & wbit) &&
 	    (write || ((sp->flags & KVMFS_SPTE_D) && w.dirty)))
 		out->perms |= PROT_W;
 	out->uphys = sp->uphys;
 	out->host = sp->host;
 out:
 	pthread_mutex_unlock(&mmu->lock);
+	if (pop_hi >= 0)
+		populate_run(mmu, pop_hi, pop_ptr, pop_len);
 	return rc;
 }
 
@@ -1065,6 +1183,8 @@ int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max)
 				if (n < max) {
 					out[n].as_id = a;
 					out[n].flags = sp->flags;
+					if (s->wbits[j / 64] & (1ull << (j % 64)))
+						out[n].flags |= KVMFS_SPTE_W;
 					out[n].gfn = sp->gfn;
 					out[n].hva = s->hva + (j << PAGE_SHIFT);
 					out[n].uphys = sp->uphys;

@@ -649,6 +649,58 @@ def test_dirty_log_1g_speed(mmu):
     assert not any(ffi.buffer(buf, nbytes)[:])
     print(f"GET_DIRTY_LOG 1 GiB: {npages // 64} dirty {1e6 * (t1 - t0):.0f} us, clean {1e6 * (t2 - t1):.1f} us")
     assert info(mmu, 0).dirty_count == 0
+    assert not any(f & lib.KVMFS_SPTE_W for f in sptes(mmu).values())   # all re-protected
+    assert xl(mmu, 64 * PAGE, READ).perms == R_ | X_
+
+
+def test_reprotect_word_keeps_other_pages(mmu):
+    """Re-protection is by bitmap word: only the reported pages lose W."""
+    m = HostMem(mmu, 130 * PAGE)
+    assert mset(mmu, 0, 0, 130 * PAGE, m.hva, LOG) == lib.KVMFS_MR_CREATE
+    for p in (0, 1, 63, 64, 129):
+        xl(mmu, p * PAGE, WRITE)
+    xl(mmu, 2 * PAGE, READ)                                      # an spte without W
+    lib.kvmfs_dirty_set_manual_protect(mmu, 1)
+    assert clear(mmu, 0, 0, 130, (1 << 1) | (1 << 64)) == 0
+    sp = sptes(mmu)
+    assert [p for p in (0, 1, 2, 63, 64, 129) if sp[(0, p)] & lib.KVMFS_SPTE_W] == [0, 63, 129]
+    assert dirty(mmu, 0, 130, get=False) == 1 | (1 << 63) | (1 << 129)
+    xl(mmu, 64 * PAGE, WRITE)                                    # WP fault: logged again, W back
+    assert stats(mmu).wp_faults == 6
+    assert sptes(mmu)[(0, 64)] & lib.KVMFS_SPTE_W
+    assert mset(mmu, 0, 0, 0, 0) == lib.KVMFS_MR_DELETE
+    assert mset(mmu, 0, 0, 130 * PAGE, m.hva) == lib.KVMFS_MR_CREATE   # not logging: W at once
+    assert xl(mmu, 5 * PAGE, READ).kind == lib.KVMFS_XL_OK
+    assert sptes(mmu)[(0, 5)] & lib.KVMFS_SPTE_W
+
+
+def resident(addr, npages):
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * npages)()
+    assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(npages * PAGE), vec) == 0
+    return [bool(v & 1) for v in vec]
+
+
+def test_fault_around_populates_block_within_slot(mmu):
+    """The first spte in a 64 KiB block of the daemon mapping populates that
+    block, clipped to the slot; pages outside the slot stay untouched."""
+    m = HostMem(mmu, 64 * PAGE)
+    assert resident(m.hva, 64) == [False] * 64
+    lo, hi = 8, 40                                               # the slot: host pages [8, 40)
+    assert mset(mmu, 0, 0, (hi - lo) * PAGE, m.hva + lo * PAGE) == lib.KVMFS_MR_CREATE
+    page = 20
+    xl(mmu, (page - lo) * PAGE, WRITE)
+    blk = (m.hva + page * PAGE) & ~0xFFFF
+    want = [lo <= i < hi and blk <= m.hva + i * PAGE < blk + 0x10000 for i in range(64)]
+    assert sum(want) > 1
+    assert resident(m.hva, 64) == want
+    # a second slot over the rest of the block populates only its own part
+    assert mset(mmu, 1, 0x100000, lo * PAGE, m.hva) == lib.KVMFS_MR_CREATE
+    xl(mmu, 0x100000 + 7 * PAGE, READ)
+    got = resident(m.hva, 64)
+    assert all(got[i] for i in range(lo) if blk <= m.hva + i * PAGE)
+    assert not any(got[i] for i in range(hi, 64) if not want[i])
 
 
 # ------------------------------------------------------------------- flush --
