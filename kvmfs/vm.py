@@ -9,6 +9,7 @@ EIO, as in KVM.
 Lifetime:  CREATED --open ctl/vcpu--> OPEN --last close--> freed
            CREATED --creator exits without opening--> freed
 """
+import collections
 import errno
 import logging
 import threading
@@ -19,6 +20,9 @@ from kvmfs.errors import KvmError, check
 from kvmfs.hostmem import HostMemory
 
 log = logging.getLogger("kvmfs.vm")
+
+SlotInfo = collections.namedtuple(
+    "SlotInfo", "as_id id flags base_gfn npages userspace_addr dirty_count")
 
 
 class Vm:
@@ -239,7 +243,9 @@ class Vm:
 
     # --- views -----------------------------------------------------------------------
     def slots(self, as_id):
+        """The slots of one address space, sorted by gpa, as plain SlotInfo values."""
         n = lib.kvmfs_memslot_count(self.mmu, as_id)
         out = ffi.new("struct kvmfs_slot_info[]", max(n, 1))
-        n = lib.kvmfs_memslot_list(self.mmu, as_id, out, n)
-        return [out[i] for i in range(n)]
+        n = min(lib.kvmfs_memslot_list(self.mmu, as_id, out, n), n)
+        # Copied out: an element of `out` is a view into memory freed with `out`.
+        return [SlotInfo(*(getattr(out[i], f) for f in SlotInfo._fields)) for i in range(n)]
