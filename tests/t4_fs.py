@@ -223,9 +223,8 @@ def test_invalidation_forgets_unmapped_memory(mounted, kvm):
     vm.close()
 
 
-def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):
-    """A vCPU in an endless loop occupies one request; cat, another VM and ioctls go on."""
-    import threading
+def spinning_vcpu(kvm):
+    """A VM whose vCPU 0 is set up to run `jmp $` in real mode: (vm, vcpu, memory)."""
     from kvmfs import vcpu as engine
     if not engine.NATIVE:
         pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
@@ -240,6 +239,13 @@ def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):
     r = vcpu.get_regs()
     r.rip = 0x1000
     vcpu.set_regs(r)
+    return vm, vcpu, mem
+
+
+def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):
+    """A vCPU in an endless loop occupies one request; cat, another VM and ioctls go on."""
+    import threading
+    vm, vcpu, mem = spinning_vcpu(kvm)
     result = {}
 
     def run():
@@ -357,20 +363,7 @@ def test_stat_json_describes_vms_slots_and_vcpus(mounted, kvm, tmp_path):
 def test_vcpu_ioctls_wait_for_a_running_kvm_run(mounted, kvm):
     """As under KVM's vcpu mutex: KVM_GET_REGS during KVM_RUN waits; the view says running."""
     import threading
-    from kvmfs import vcpu as engine
-    if not engine.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
-    vm = kvm.create_vm()
-    mem = alloc_guest_memory(0x10000)
-    mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
-    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
-    vcpu = vm.create_vcpu(0)
-    s = vcpu.get_sregs()
-    s.cs.selector, s.cs.base = 0, 0
-    vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    r.rip = 0x1000
-    vcpu.set_regs(r)
+    vm, vcpu, mem = spinning_vcpu(kvm)
     old = signal.signal(signal.SIGUSR1, lambda *a: None)
     runner = threading.Thread(target=lambda: pytest.raises(OSError, vcpu.run))
     runner.start()
