@@ -149,6 +149,7 @@ struct kvmfs_vcpu {
 	struct kvm_run *run;
 	struct kvmfs_flush_client fc;
 	uc_context *ctx, *ctx_step;
+	uint8_t *live_env;              /* the running engine's CPUX86State, or NULL */
 	volatile int attn;
 	volatile int in_emu;
 
@@ -327,6 +328,19 @@ static int env_selfcheck(kvmfs_vcpu *v)
 	env_load(v);
 	if (ENV64(v, 0) != m1 || seg(v, R_FS)->base != m2 || segat(v, E_GDT)->base != g.base)
 		return -ENOSYS;
+	/*
+	 * The live CPU state, for the TLB-fill hook: the engine handle points at
+	 * its CPUState (offset 440 in unicorn 2.1.4), whose CPUX86State starts
+	 * 35408 bytes in.  Trusted only when the markers written above show up
+	 * there; otherwise the hook reads registers through the API.
+	 */
+	uint8_t *cpu = *(uint8_t **)((uint8_t *)v->uc + 440);
+	uint8_t *live = cpu ? cpu + 35408 : NULL;
+	v->live_env = NULL;
+	if (live && *(uint64_t *)live == m1 &&
+	    ((struct segc *)(live + E_SEGS + 24 * R_FS))->base == m2 &&
+	    ((struct segc *)(live + E_GDT))->base == g.base)
+		v->live_env = live;
 	wreg(v, UC_X86_REG_RAX, 0);
 	return 0;
 }
@@ -335,6 +349,21 @@ static int env_selfcheck(kvmfs_vcpu *v)
 
 static void paging_now(kvmfs_vcpu *v, struct kvmfs_paging *pg, int cpl)
 {
+	uint8_t *e = v->live_env;
+
+	/* Read straight from the CPU state when it was found: control registers,
+	 * EFER and the CPL (hflags) change only in helpers, so the copy in memory
+	 * is current even in the middle of a block, and no API call (MSR reads
+	 * run QEMU's rdmsr helper on the live registers) happens inside a fill. */
+	if (e) {
+		pg->cr0 = *(uint64_t *)(e + E_CR);
+		pg->cr3 = *(uint64_t *)(e + E_CR + 24);
+		pg->cr4 = *(uint64_t *)(e + E_CR + 32);
+		pg->efer = *(uint64_t *)(e + E_EFER);
+		pg->cpl = cpl < 0 ? (int)(*(uint32_t *)(e + E_HFLAGS) & 3) : cpl;
+		pg->as_id = 0;
+		return;
+	}
 	pg->cr0 = rreg(v, UC_X86_REG_CR0);
 	pg->cr3 = rreg(v, UC_X86_REG_CR3);
 	pg->cr4 = rreg(v, UC_X86_REG_CR4);
