@@ -1085,9 +1085,12 @@ static bool turn_take(kvmfs_vcpu *v)
 			long us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
 			kvmfs_vcpu *h = __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST);
 			if (!asked && us > 1000 && h) {
+				/* The holder's code hook sees the bit before its next
+				 * instruction and stops there itself.  Stopping its engine
+				 * from this thread (uc_emu_stop) made one lock xadd in a few
+				 * thousand hand-overs count twice (measured: 60001 for 60000
+				 * in 2 of 31 runs under load; 0 in 400 runs without it). */
 				__atomic_or_fetch(&h->attn, ATTN_YIELD, __ATOMIC_SEQ_CST);
-				if (h->in_emu)
-					uc_emu_stop(h->uc);
 				asked = true;
 			}
 		}
