@@ -666,12 +666,16 @@ static void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value
 
 /* ------------------------------------------------------------ flush client -- */
 
+/*
+ * Requests to a running vCPU (flush, kick, yield) only set a bit: the code hook
+ * reads it before every instruction and stops the engine itself.  Calling
+ * uc_emu_stop from another thread, or from a signal handler, can land inside a
+ * memory access and make an instruction whose store was done run again.
+ */
 static void flush_kick(void *opaque)
 {
 	kvmfs_vcpu *v = opaque;
 	__atomic_or_fetch(&v->attn, ATTN_FLUSH, __ATOMIC_SEQ_CST);
-	if (v->in_emu)
-		uc_emu_stop(v->uc);
 }
 
 static void do_flush(kvmfs_vcpu *v)
@@ -986,8 +990,6 @@ KVMFS_API uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v) { return v->miss_hva; }
 KVMFS_API void kvmfs_vcpu_kick(kvmfs_vcpu *v)
 {
 	__atomic_or_fetch(&v->attn, ATTN_KICK, __ATOMIC_SEQ_CST);
-	if (__atomic_load_n(&v->in_emu, __ATOMIC_SEQ_CST))
-		uc_emu_stop(v->uc);
 }
 
 static void intr_signal(int sig)
@@ -1085,11 +1087,10 @@ static bool turn_take(kvmfs_vcpu *v)
 			long us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
 			kvmfs_vcpu *h = __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST);
 			if (!asked && us > 1000 && h) {
-				/* The holder's code hook sees the bit before its next
-				 * instruction and stops there itself.  Stopping its engine
-				 * from this thread (uc_emu_stop) made one lock xadd in a few
-				 * thousand hand-overs count twice (measured: 60001 for 60000
-				 * in 2 of 31 runs under load; 0 in 400 runs without it). */
+				/* by flag only (see flush_kick): with uc_emu_stop from here
+				 * one lock xadd in a few thousand hand-overs counted twice
+				 * (60001 for 60000 in 2 of 31 runs under load; 0 of 400
+				 * without it) */
 				__atomic_or_fetch(&h->attn, ATTN_YIELD, __ATOMIC_SEQ_CST);
 				asked = true;
 			}

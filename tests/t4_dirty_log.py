@@ -193,3 +193,45 @@ def test_no_lost_dirty_page(mounted, harvest):
         v.close()
     vm.close()
     kvm.close()
+
+
+def test_harvests_under_a_running_guest_lose_or_repeat_no_instruction(mounted):
+    """Each harvest stops the vCPU to flush its TLB; a counted RMW loop must still end exact."""
+    need_engine("kvmfs")
+    kvm = Kvm(mounted)
+    vm = kvm.create_vm()
+    low = alloc_guest_memory(0x10000)
+    data = alloc_guest_memory(NPAGES * 4096)
+    iters = 300000
+    image = assemble_text(f"""
+        .code32
+        mov ${iters}, %ecx
+    1:  incl {LOG_GPA:#x}
+        incl {LOG_GPA + 0x1000:#x}
+        dec %ecx
+        jnz 1b
+        hlt
+    """, CODE_GPA)
+    low.map[CODE_GPA:CODE_GPA + len(image)] = image
+    vm.set_user_memory_region(0, 0, 0, 0x10000, low.address)
+    vm.set_user_memory_region(1, abi.KVM_MEM_LOG_DIRTY_PAGES, LOG_GPA, NPAGES * 4096, data.address)
+    v = vm.create_vcpu(0)
+    flat32(v)
+    r = v.get_regs()
+    r.rip, r.rflags = CODE_GPA, 2
+    v.set_regs(r)
+    errors = []
+    t = threading.Thread(target=run_until_halt, args=(v, errors))
+    t.start()
+    harvests = 0
+    while t.is_alive():
+        vm.get_dirty_log(1, NPAGES)                 # re-protects: a remote flush each time
+        harvests += 1
+    t.join()
+    counters = memoryview(data.map).cast("I")
+    assert not errors
+    assert (counters[0], counters[1024]) == (iters, iters), harvests
+    assert harvests > 10
+    v.close()
+    vm.close()
+    kvm.close()
