@@ -699,7 +699,10 @@ def test_fault_around_populates_block_within_slot(mmu):
     assert mset(mmu, 1, 0x100000, lo * PAGE, m.hva) == lib.KVMFS_MR_CREATE
     xl(mmu, 0x100000 + 7 * PAGE, READ)
     got = resident(m.hva, 64)
-    assert all(got[i] for i in range(lo) if blk <= m.hva + i * PAGE)
+    blk7 = (m.hva + 7 * PAGE) & ~0xFFFF      # page 7's own block: m.hva is only page aligned
+    clip = [i for i in range(lo) if blk7 <= m.hva + i * PAGE < blk7 + 0x10000]
+    if len(clip) > 1:                        # a one-page clip is left to the guest's own fault
+        assert all(got[i] for i in clip)
     assert not any(got[i] for i in range(hi, 64) if not want[i])
 
 
