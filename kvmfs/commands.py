@@ -15,7 +15,6 @@ from the same open file description when the writer keeps it open
 """
 import ctypes
 import errno
-import mmap
 import os
 import shlex
 

@@ -32,7 +32,7 @@ import traceback
 
 import fuse as fusepy
 
-from kvmfs import abi, commands, procmem, views
+from kvmfs import commands, procmem, views
 from kvmfs.errors import KvmError
 
 log = logging.getLogger("kvmfs.fs")

@@ -21,8 +21,6 @@ from kvmfs.errors import KvmError, check
 
 log = logging.getLogger("kvmfs.vcpu")
 
-NATIVE = hasattr(lib, "kvmfs_vcpu_new")
-
 
 def _serialized(handler):
     """vCPU ioctls run one at a time per vCPU, as under KVM's vcpu->mutex: a
@@ -53,11 +51,9 @@ class Vcpu:
         # Lifetime: run_cdata pins run_map's buffer for as long as the native vCPU lives.
         self.run_cdata = ffi.from_buffer(self.run_map)
         self.run = ffi.cast("struct kvm_run *", self.run_cdata)
-        self.native = ffi.NULL
-        if NATIVE:
-            self.native = lib.kvmfs_vcpu_new(vm.mmu, vcpu_id, self.run)
-            if self.native == ffi.NULL:
-                raise KvmError(errno.ENOMEM, "KVM_CREATE_VCPU", "cannot create the emulator")
+        self.native = lib.kvmfs_vcpu_new(vm.mmu, vcpu_id, self.run)
+        if self.native == ffi.NULL:
+            raise KvmError(errno.ENOMEM, "KVM_CREATE_VCPU", "cannot create the emulator")
         self.run.apic_base = 0xFEE00900
 
     def destroy(self):
@@ -76,7 +72,7 @@ class Vcpu:
 
     def _engine(self, op):
         if self.native == ffi.NULL:
-            raise KvmError(errno.ENOSYS if not NATIVE else errno.EIO, op, "vCPU engine not available")
+            raise KvmError(errno.EIO, op, "the vCPU was destroyed")
         return self.native
 
     # --- vCPU ioctls --------------------------------------------------------------------
@@ -191,7 +187,7 @@ class Vcpu:
         abi.KVM_SET_CPUID2: set_cpuid2,
         abi.KVM_SET_GUEST_DEBUG: set_guest_debug,
         abi.KVM_SMI: smi,
-    } if NATIVE else {}
+    }
     IOCTLS = {cmd: _serialized(fn) for cmd, fn in IOCTLS.items()}
 
     # --- views ---------------------------------------------------------------------
@@ -205,8 +201,6 @@ class Vcpu:
 
 def get_supported_cpuid(ctx, arg, data):
     op = "KVM_GET_SUPPORTED_CPUID"
-    if not NATIVE:
-        raise KvmError(errno.EINVAL, op, "not built")
     hdr = abi.kvm_cpuid2.from_address(data)
     entries = ffi.new("struct kvm_cpuid_entry2[]", abi.KVM_MAX_CPUID_ENTRIES)
     n = ensure(lib.kvmfs_supported_cpuid(entries, min(hdr.nent, abi.KVM_MAX_CPUID_ENTRIES)), op)

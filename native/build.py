@@ -21,28 +21,15 @@ def _strip_comments(text):
     return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
 
 
-def _sections(text):
-    # kvmfs_native.h has one section per source file, opened by a "--- name.c --"
-    # banner; a section is declared only when its source is present, so each
-    # layer can be built and tested on its own while the next one is written.
-    parts = re.split(r"/\* -+ (\w+\.c) --", text)
-    yield None, parts[0]
-    for i in range(1, len(parts), 2):
-        yield parts[i], "/*" + parts[i + 1]   # the split cut the banner comment open
-
-
 _sources = sorted(glob.glob(os.path.join(HERE, "*.c")))
-_present = {os.path.basename(s) for s in _sources}
 
 ffi = FFI()
-ffi.cdef(_strip_comments(open(os.path.join(HERE, "kvm_abi.h")).read()))
-for _src, _text in _sections(open(os.path.join(HERE, "kvmfs_native.h")).read()):
-    if _src is None or _src in _present:
-        ffi.cdef(_strip_comments(_text))
+for _h in ("kvm_abi.h", "kvmfs_native.h"):
+    ffi.cdef(_strip_comments(open(os.path.join(HERE, _h)).read()))
 ffi.set_source(
     "kvmfs._kvmfs_native",
     '#include "kvmfs_internal.h"\n',
-    sources=[os.path.relpath(s) for s in _sources] if _sources else [],
+    sources=[os.path.relpath(s) for s in _sources],
     include_dirs=[HERE, os.path.join(UC, "include")],
     library_dirs=[os.path.join(UC, "lib")],
     libraries=[":libunicorn.so.2", "pthread"],

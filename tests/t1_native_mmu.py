@@ -517,7 +517,7 @@ def test_walk_pae(mmu):
 
 
 def test_walk_table_in_hole_or_unresolved(mmu):
-    g = Guest(mmu)
+    Guest(mmu)                                               # guest memory, slot 0
     pg = paging(**dict(LM, cr3=0x10000000))                  # PML4 in a hole
     o = xl(mmu, 0x1000, READ, pg)
     assert o.kind == lib.KVMFS_XL_PF and o.pf_error_code == 0

@@ -533,7 +533,6 @@ def test_long_mode_page_fault_and_ud_delivery(vm):
         iretq
     """, 0x100000)
     vm.load(0x100000, code)
-    import re  # noqa
     # find handler offsets by assembling the prefix
     pf_off = len(assemble_text(".code64\nmov $0x40000000,%rax\nmov (%rax),%rbx\nud2\nhlt\n", 0))
     ud_off = pf_off + len(assemble_text(".code64\npop %rbx\nmov %cr2,%rax\nmov $14,%dx\nout %eax,%dx\naddq $3,(%rsp)\niretq\n", 0))

@@ -7,8 +7,6 @@ counters changed between the snapshots taken after harvests r-1 and r was
 written after harvest r-1, so it must be reported by harvest r or, if the write
 raced with it, by harvest r+1.  Zero misses allowed.
 """
-import ctypes
-import os
 import threading
 import time
 
@@ -55,7 +53,6 @@ again:
     jmp again
 """
 
-
 def flat32(vcpu):
     s = vcpu.get_sregs()
     for name, sel, typ in (("cs", 8, 11), ("ds", 16, 3), ("es", 16, 3), ("ss", 16, 3),
@@ -66,7 +63,6 @@ def flat32(vcpu):
     s.cr0 |= 1
     vcpu.set_sregs(s)
 
-
 def real_mode_at(vcpu, rip):
     s = vcpu.get_sregs()
     s.cs.selector, s.cs.base = 0, 0
@@ -75,20 +71,11 @@ def real_mode_at(vcpu, rip):
     r.rip, r.rflags = rip, 2
     vcpu.set_regs(r)
 
-
-def need_engine(path):
-    from kvmfs import vcpu
-    if path != "kvm" and not vcpu.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
-
-
 @pytest.fixture(params=["kvmfs", "kvm"])
 def kvm(request, mounted, real_kvm):
-    need_engine(request.param)
     k = Kvm(mounted if request.param == "kvmfs" else None)
     yield k
     k.close()
-
 
 def test_known_workload_bitmap_matches_kvm(kvm):
     vm = kvm.create_vm()
@@ -117,7 +104,6 @@ def test_known_workload_bitmap_matches_kvm(kvm):
     vcpu.close()
     vm.close()
 
-
 def run_until_halt(vcpu, errors):
     try:
         while True:
@@ -129,10 +115,8 @@ def run_until_halt(vcpu, errors):
     except OSError as e:
         errors.append(str(e))
 
-
 @pytest.mark.parametrize("harvest", ["get", "clear"])
 def test_no_lost_dirty_page(mounted, harvest):
-    need_engine("kvmfs")
     kvm = Kvm(mounted)
     vm = kvm.create_vm()
     if harvest == "clear":
@@ -194,10 +178,8 @@ def test_no_lost_dirty_page(mounted, harvest):
     vm.close()
     kvm.close()
 
-
 def test_harvests_under_a_running_guest_lose_or_repeat_no_instruction(mounted):
     """Each harvest stops the vCPU to flush its TLB; a counted RMW loop must still end exact."""
-    need_engine("kvmfs")
     kvm = Kvm(mounted)
     vm = kvm.create_vm()
     low = alloc_guest_memory(0x10000)

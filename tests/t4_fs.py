@@ -225,9 +225,6 @@ def test_invalidation_forgets_unmapped_memory(mounted, kvm):
 
 def spinning_vcpu(kvm):
     """A VM whose vCPU 0 is set up to run `jmp $` in real mode: (vm, vcpu, memory)."""
-    from kvmfs import vcpu as engine
-    if not engine.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
     vm = kvm.create_vm()
     mem = alloc_guest_memory(0x10000)
     mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
@@ -310,9 +307,6 @@ def test_info_dirty_lists_logged_slots(mounted, kvm):
 
 
 def test_shell_runs_a_guest_and_reads_its_exits(mounted, tmp_path):
-    from kvmfs import vcpu as engine
-    if not engine.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
     # mov al, 0x41; out 0x10, al; inc byte [0x2000]; hlt  (real mode, loaded at gpa 0x1000)
     (tmp_path / "g.bin").write_bytes(bytes.fromhex("b041" "e610" "fe060020" "f4"))
     out = sh(f"""

@@ -42,9 +42,6 @@ def flat32(vcpu, rip):
 
 @pytest.fixture
 def kvm(mounted):
-    from kvmfs import vcpu
-    if not vcpu.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
     k = Kvm(mounted)
     yield k
     k.close()

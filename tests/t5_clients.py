@@ -52,9 +52,6 @@ def test_hello_vm_on_dev_kvm(hello_vm, real_kvm):
 
 
 def test_hello_vm_runs_guest_on_kvmfs(hello_vm, mounted):
-    from kvmfs import vcpu
-    if not vcpu.NATIVE:
-        pytest.skip("this build has no vCPU engine (native/vcpu.c) yet")
     out = run(hello_vm, mounted, "--run")
     assert "guest wrote: '4'" in out and "guest halted" in out
 

@@ -7,8 +7,6 @@ Each case runs in a forked child with a time limit, so a guest that never exits
 fails its case instead of hanging the session.  Then: the demo guest (text and
 dirty pages), 4 vCPUs incrementing one counter with lock xadd, a client killed
 in KVM_RUN, and tools/run_guest.c on both.
-
-The kvmfs half skips while the vCPU engine is not built (kvmfs.vcpu.NATIVE).
 """
 import os
 import re
@@ -76,11 +74,6 @@ def result(side, mnt, case, api=False):
     return _results[key]
 
 
-def need_engine():
-    from kvmfs import vcpu
-    if not vcpu.NATIVE:
-        pytest.skip("no vCPU engine")
-
 
 @pytest.fixture(scope="module")
 def kvm(real_kvm):
@@ -89,7 +82,6 @@ def kvm(real_kvm):
 
 @pytest.fixture(scope="module")
 def kvmfs(mounted):
-    need_engine()
     return str(mounted)
 
 
@@ -193,7 +185,6 @@ def test_demo_guest(real_kvm, mounted):
     """guests/demo.S prints in real, protected and long mode, and dirties exactly 8 pages."""
     theirs = in_child(lambda: run_demo(None))
     assert theirs == DEMO_EXPECT
-    need_engine()
     ours = in_child(lambda: run_demo(str(mounted)))
     assert ours == theirs
 
@@ -263,7 +254,6 @@ def test_vcpus_lock_xadd_kvm(real_kvm):
 
 
 def test_vcpus_lock_xadd_kvmfs(mounted):
-    need_engine()
     assert in_child(lambda: run_counter(str(mounted)), timeout=30) == COUNTER_EXPECT
 
 
@@ -289,7 +279,6 @@ KILLED_CLIENT = textwrap.dedent("""
 
 def test_killed_client(mounted):
     """SIGKILL during KVM_RUN of `jmp $`: the VM leaves the mount, the daemon serves on."""
-    need_engine()
     script = KILLED_CLIENT.format(repo=REPO, tests=os.path.dirname(__file__), mnt=str(mounted))
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
@@ -345,6 +334,5 @@ def c_lines(binary, mnt, guest, mode):
 def test_run_guest_c(run_guest_bin, real_kvm, mounted, guest, mode):
     theirs = c_lines(run_guest_bin, None, guest, mode)
     assert theirs and theirs[-1].startswith(("HLT", "SHUTDOWN", "INTERNAL_ERROR")), theirs
-    need_engine()
     ours = c_lines(run_guest_bin, str(mounted), guest, mode)
     assert ours == theirs

@@ -242,7 +242,7 @@ def bench_fill(t, mnt, q, have_kvm):
                                                      env_for(None)))
         if kv:
             fig(f"/dev/kvm CPL3, first touch ({kmib} MiB)", col(kv, 0), "page")
-            wp = fig(f"/dev/kvm CPL3, write to a clean page, logging on", col(kv, 1), "page")
+            wp = fig("/dev/kvm CPL3, write to a clean page, logging on", col(kv, 1), "page")
     ours = guarded("kvmfs touch", lambda: lines([t["bench_guest"], "touch", "long", str(mib), str(min(r, 3))],
                                                 env_for(mnt.dir)))
     if ours:

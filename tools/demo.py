@@ -128,9 +128,7 @@ def main():
               "     $ dd if=vm$n/mem bs=1 skip=4096 count=13 status=none; echo\n"
               "     $ cat vm$n/info/memslots", mnt)
 
-        from kvmfs import vcpu as _vcpu
-        if _vcpu.NATIVE:
-            run_guest(mnt, kvm)
+        run_guest(mnt, kvm)
         vm.close()
         kvm.close()
     finally:
