@@ -30,11 +30,18 @@ void kvmfs_dirty_set_manual_protect(kvmfs_mmu *mmu, uint32_t options)
 	pthread_mutex_unlock(&mmu->lock);
 }
 
-static struct kvmfs_slot *logging_slot(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id)
+/* The logging slot as_id:id with mmu_lock held (0), or -EINVAL / -ENOENT unlocked. */
+static int lock_logging_slot(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, struct kvmfs_slot **sp)
 {
-	struct kvmfs_slot *s = mmu->as[as_id].by_id[id];
-
-	return s && s->dirty ? s : NULL;
+	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
+		return -EINVAL;
+	pthread_mutex_lock(&mmu->lock);
+	*sp = mmu->as[as_id].by_id[id];
+	if (!*sp || !(*sp)->dirty) {
+		pthread_mutex_unlock(&mmu->lock);
+		return -ENOENT;
+	}
+	return 0;
 }
 
 /* Steps 1-2 for the set bits of `bits` in word w; returns whether an spte lost W. */
@@ -48,28 +55,24 @@ static inline bool reprotect_word(struct kvmfs_slot *s, uint64_t w, uint64_t bit
 	return true;
 }
 
-int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
+/* Copy the slot's bitmap to out; with harvest, also steps 1-3 for every
+ * reported page unless manual protection is on (spec 8.1: GET only reports). */
+static int copy_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size,
+		    bool harvest)
 {
 	struct kvmfs_slot *s;
-	uint64_t words;
 	bool flush = false;
+	int rc = lock_logging_slot(mmu, as_id, id, &s);
 
-	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
-		return -EINVAL;
-	pthread_mutex_lock(&mmu->lock);
-	s = logging_slot(mmu, as_id, id);
-	if (!s) {
-		pthread_mutex_unlock(&mmu->lock);
-		return -ENOENT;
-	}
-	words = (s->npages + 63) / 64;
+	if (rc)
+		return rc;
+	uint64_t words = (s->npages + 63) / 64;
 	if (out_size < words * 8) {
 		pthread_mutex_unlock(&mmu->lock);
 		return -EINVAL;
 	}
 	memcpy(out, s->dirty, words * 8);
-	/* with manual protection GET only reports (spec 8.1); else harvest */
-	if (!(mmu->manual_protect & KVMFS_MANUAL_ENABLE) && s->dirty_count) {
+	if (harvest && !(mmu->manual_protect & KVMFS_MANUAL_ENABLE) && s->dirty_count) {
 		for (uint64_t w = 0; w < words; w++)
 			if (s->dirty[w])
 				flush |= reprotect_word(s, w, s->dirty[w]);
@@ -80,21 +83,29 @@ int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, 
 	return 0;
 }
 
+int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
+{
+	return copy_log(mmu, as_id, id, out, out_size, true);
+}
+
+int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
+{
+	return copy_log(mmu, as_id, id, out, out_size, false);
+}
+
 int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t first_page,
 			  uint32_t num_pages, const void *mask)
 {
 	struct kvmfs_slot *s;
 	uint64_t words;
 	bool flush = false;
+	int rc;
 
-	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS || first_page % 64)
+	if (first_page % 64)
 		return -EINVAL;
-	pthread_mutex_lock(&mmu->lock);
-	s = logging_slot(mmu, as_id, id);
-	if (!s) {
-		pthread_mutex_unlock(&mmu->lock);
-		return -ENOENT;
-	}
+	rc = lock_logging_slot(mmu, as_id, id, &s);
+	if (rc)
+		return rc;
 	if (first_page > s->npages || num_pages > s->npages - first_page) {
 		pthread_mutex_unlock(&mmu->lock);
 		return -EINVAL;
@@ -113,29 +124,6 @@ int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t 
 	}
 	if (flush)
 		kvmfs_mmu_flush_remote(mmu);
-	pthread_mutex_unlock(&mmu->lock);
-	return 0;
-}
-
-int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)
-{
-	struct kvmfs_slot *s;
-	uint64_t bytes;
-
-	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
-		return -EINVAL;
-	pthread_mutex_lock(&mmu->lock);
-	s = logging_slot(mmu, as_id, id);
-	if (!s) {
-		pthread_mutex_unlock(&mmu->lock);
-		return -ENOENT;
-	}
-	bytes = (s->npages + 63) / 64 * 8;
-	if (out_size < bytes) {
-		pthread_mutex_unlock(&mmu->lock);
-		return -EINVAL;
-	}
-	memcpy(out, s->dirty, bytes);
 	pthread_mutex_unlock(&mmu->lock);
 	return 0;
 }
