@@ -4,13 +4,21 @@
  *
  * What unicorn does and does not do (measured with unicorn 2.1.4, see
  * tests/t3_vcpu.py and the notes below):
- *  - uc_emu_stop() from an IN/OUT hook only takes effect at the end of the
- *    translation block: in `out; inc eax; out; hlt` both OUTs, the INC and the
- *    HLT all run.  A UC_HOOK_CODE hook makes unicorn test the stop request
- *    before every instruction it covers, so the vCPU keeps one code hook over
- *    all addresses: every stop (IO, MMIO, kick, flush, single-step, interrupt
- *    window) is then precise.  Its cost is the compute-speed figure reported
- *    by the benchmark (~140 M instr/s instead of ~1-2.7 G).
+ *  - Every vCPU has two engines sharing one register state: the fast engine
+ *    runs the guest with no per-instruction hook; the step engine has a code
+ *    hook and runs the few instructions that must stop after exactly one
+ *    (MMIO replay, KVM_SET_GUEST_DEBUG single-step, waiting for IF to open).
+ *    The state moves between them by context copy (~0.2 us).
+ *  - uc_emu_stop() from an IN/OUT hook would only take effect at the end of
+ *    the translation block.  unicorn puts RIP and the lazy flags on the
+ *    instruction before calling an IO hook, so the hook stops precisely by
+ *    leaving through QEMU's cpu_loop_exit(): the IO instruction has not run.
+ *  - unicorn checks the stop request after every guest memory access and, if
+ *    set, restarts the instruction: a stop from another thread landing
+ *    between the load and the store of `inc [m]` ran it twice.  The fast
+ *    engine has that check turned off (uc->no_exit_request, located and
+ *    verified at creation), so a stop from another thread or a signal
+ *    handler takes effect at the next block start, where state is exact.
  *  - A TLB-fill hook that returns false raises an exception whose state is
  *    restored to the start of the faulting instruction (UC_ERR_EXCEPTION):
  *    page faults, MMIO, NEED_HVA and EFAULT all use it.
@@ -101,6 +109,27 @@
 #define RF_VM (1ull << 17)
 #define RF_AC (1ull << 18)
 
+/* unicorn 2.1.4 internals, verified at vCPU creation (engine_check) */
+#define UC_CPU_OFF 440                /* uc_struct.cpu */
+#define CPU_UC_OFF 33192              /* CPUState.uc */
+#define CPU_ENV_OFF 35408             /* CPUX86State inside X86CPU */
+#define UC_CTXCONT_OFF 2012           /* uc_struct.context_content, cpu_context_size */
+#define UC_NOEXIT_OFF 2034            /* uc_struct.no_exit_request (init_done follows) */
+
+extern void cpu_loop_exit_x86_64(void *cpu) __attribute__((noreturn));
+
+enum { ENG_FAST, ENG_STEP };
+
+/*
+ * Translated code is only invalidated by QEMU when the engine itself writes
+ * the page; the VMM, another vCPU or the other engine writing guest code is
+ * not seen.  Each engine keeps a copy of the code pages it fetched from; a
+ * page found different (at a fetch fill, or for RIP's page when KVM_RUN
+ * enters) has its translations dropped before it runs again.
+ */
+#define CODE_PAGES 256                /* per engine, direct-mapped by page */
+struct code_page { uint64_t uphys; uint8_t *copy; };
+
 #define WIN_BASE (1ull << 39)         /* unicorn-physical MMIO window */
 #define WIN_PAGES 16
 #define MAX_MMIO_ACC 8
@@ -149,9 +178,12 @@ struct kvmfs_vcpu {
 	struct kvm_run *run;
 	struct kvmfs_flush_client fc;
 	uc_context *ctx, *ctx_step;
-	uint8_t *live_env;              /* the running engine's CPUX86State, or NULL */
+	struct engine { uc_engine *uc; uint8_t *cpu, *env; struct code_page code[CODE_PAGES]; } eng[2];
+	int cur;                          /* engine holding the state: uc/cpu/live_env are its */
+	uint8_t *cpu;
+	uint8_t *live_env;                /* the current engine's CPUX86State */
 	volatile int attn;
-	volatile int in_emu;
+	volatile int running;             /* 1 + engine inside uc_emu_start, or 0 */
 
 	/* host ranges mapped into this engine */
 	struct kvmfs_hostmem_info *hm;
@@ -165,22 +197,18 @@ struct kvmfs_vcpu {
 	uint64_t fill_vaddr;
 	int fill_access;
 	bool fill_remap;
+	bool code_stale;                  /* a fetch fill found its page rewritten */
+	bool check_rip;                   /* KVM_RUN entry: check RIP's code page */
 	uint32_t intno;
 	uint64_t intr_rip;
 	int step_left;
-	uint64_t cur_pc;
-	uint32_t cur_size;
 	bool yielded;
 
 	/* port I/O */
 	int pending;
 	uint32_t pio_avail, pio_idx, pio_size;
-	uint64_t saved_rax, saved_rip, saved_rcx, saved_rdi;
-	bool saved_string;
-	bool out_string;                  /* the last OUT exit came from OUTS */
 	bool out_pending;                 /* RIP left on an OUT: the next run skips it */
 	uint64_t out_rip, out_next;
-	uint32_t out_len;
 
 	/* MMIO single-step */
 	bool mmio_step;
@@ -316,31 +344,37 @@ static void env_store(kvmfs_vcpu *v)
 static uint64_t rreg(kvmfs_vcpu *v, int r) { uint64_t x = 0; uc_reg_read(v->uc, r, &x); return x; }
 static void wreg(kvmfs_vcpu *v, int r, uint64_t x) { uc_reg_write(v->uc, r, &x); }
 
-/* Check once that the CPUX86State offsets above match the loaded library. */
-static int env_selfcheck(kvmfs_vcpu *v)
+/*
+ * Check that the offsets above match the loaded library: the env copy in a
+ * context and the live CPU state must show marker register values, the
+ * CPUState must point back at the engine, and the context-size field must sit
+ * just before no_exit_request.  A mismatch fails vCPU creation (ENOSYS).
+ */
+static int engine_check(kvmfs_vcpu *v, struct engine *e)
 {
 	uint64_t m1 = 0x1122334455667788ull, m2 = 0x2132435465768798ull;
 	uc_x86_mmr g = { 0, 0x3142536475869700ull, 0x1234, 0 };
+	uint8_t *u = (uint8_t *)e->uc;
 
+	v->uc = e->uc;
 	wreg(v, UC_X86_REG_RAX, m1);
 	wreg(v, UC_X86_REG_FS_BASE, m2);
 	uc_reg_write(v->uc, UC_X86_REG_GDTR, &g);
 	env_load(v);
 	if (ENV64(v, 0) != m1 || seg(v, R_FS)->base != m2 || segat(v, E_GDT)->base != g.base)
 		return -ENOSYS;
-	/*
-	 * The live CPU state, for the TLB-fill hook: the engine handle points at
-	 * its CPUState (offset 440 in unicorn 2.1.4), whose CPUX86State starts
-	 * 35408 bytes in.  Trusted only when the markers written above show up
-	 * there; otherwise the hook reads registers through the API.
-	 */
-	uint8_t *cpu = *(uint8_t **)((uint8_t *)v->uc + 440);
-	uint8_t *live = cpu ? cpu + 35408 : NULL;
-	v->live_env = NULL;
-	if (live && *(uint64_t *)live == m1 &&
-	    ((struct segc *)(live + E_SEGS + 24 * R_FS))->base == m2 &&
-	    ((struct segc *)(live + E_GDT))->base == g.base)
-		v->live_env = live;
+	uint8_t *cpu = *(uint8_t **)(u + UC_CPU_OFF);
+	uint8_t *live = cpu ? cpu + CPU_ENV_OFF : NULL;
+	if (!live || *(uint8_t **)(cpu + CPU_UC_OFF) != u || *(uint64_t *)live != m1 ||
+	    ((struct segc *)(live + E_SEGS + 24 * R_FS))->base != m2 ||
+	    ((struct segc *)(live + E_GDT))->base != g.base)
+		return -ENOSYS;
+	if (*(int *)(u + UC_CTXCONT_OFF) != UC_CTL_CONTEXT_CPU ||
+	    *(int *)(u + UC_CTXCONT_OFF + 4) != (int)*(size_t *)v->ctx ||
+	    u[UC_NOEXIT_OFF] > 1 || u[UC_NOEXIT_OFF + 1] != 1)
+		return -ENOSYS;
+	e->cpu = cpu;
+	e->env = live;
 	wreg(v, UC_X86_REG_RAX, 0);
 	return 0;
 }
@@ -426,13 +460,18 @@ static int map_hostmem(kvmfs_vcpu *v)
 	for (int i = 0; i < n && i < v->hm_cap; i++) {
 		struct kvmfs_hostmem_info *h = &v->hm[i];
 		if (h->size && !v->hm_mapped[i]) {
-			if (uc_mem_map_ptr(v->uc, h->uphys, h->size, UC_PROT_ALL, h->ptr))
+			if (uc_mem_map_ptr(v->eng[ENG_FAST].uc, h->uphys, h->size, UC_PROT_ALL, h->ptr))
 				return -ENOMEM;
+			if (uc_mem_map_ptr(v->eng[ENG_STEP].uc, h->uphys, h->size, UC_PROT_ALL, h->ptr)) {
+				uc_mem_unmap(v->eng[ENG_FAST].uc, h->uphys, h->size);
+				return -ENOMEM;
+			}
 			v->hm_mapped[i] = h->size;
 			if (h->uphys + h->size > v->uphys_end)
 				v->uphys_end = h->uphys + h->size;
 		} else if (!h->size && v->hm_mapped[i]) {
-			uc_mem_unmap(v->uc, h->uphys, v->hm_mapped[i]);
+			uc_mem_unmap(v->eng[ENG_FAST].uc, h->uphys, v->hm_mapped[i]);
+			uc_mem_unmap(v->eng[ENG_STEP].uc, h->uphys, v->hm_mapped[i]);
 			v->hm_mapped[i] = 0;
 		}
 	}
@@ -441,6 +480,32 @@ static int map_hostmem(kvmfs_vcpu *v)
 }
 
 /* ------------------------------------------------------------------ hooks -- */
+
+/* 1: the page differs from the copy taken when this engine last fetched
+ * from it (copy refreshed); 0: same; -1: not seen before (copy taken). */
+static int code_page_check(struct engine *e, uint64_t uphys, const void *host)
+{
+	struct code_page *c = &e->code[(uphys >> 12) % CODE_PAGES];
+
+	if (c->copy && c->uphys == uphys) {
+		if (!memcmp(c->copy, host, 4096))
+			return 0;
+		memcpy(c->copy, host, 4096);
+		return 1;
+	}
+	if (!c->copy && !(c->copy = malloc(4096)))
+		return 0;
+	c->uphys = uphys;
+	memcpy(c->copy, host, 4096);
+	return -1;
+}
+
+/* Drop engine e's translations of the code page at linear address la. */
+static void code_page_drop(struct engine *e, uint64_t la)
+{
+	la &= ~0xfffull;
+	uc_ctl_remove_cache(e->uc, la, la + 4096);
+}
 
 static bool tlb_fill(uc_engine *uc, uint64_t va, uc_mem_type type, uc_tlb_entry *e, void *ud)
 {
@@ -455,6 +520,10 @@ static bool tlb_fill(uc_engine *uc, uint64_t va, uc_mem_type type, uc_tlb_entry 
 	if (xl.kind == KVMFS_XL_OK) {
 		if (xl.uphys >= v->uphys_end) {
 			v->fill_remap = true;     /* a range added while running */
+			goto refuse;
+		}
+		if (acc == KVMFS_ACC_FETCH && code_page_check(&v->eng[v->cur], xl.uphys, xl.host) > 0) {
+			v->code_stale = true;     /* dropped and retried by handle_stop */
 			goto refuse;
 		}
 		e->paddr = xl.uphys;
@@ -480,8 +549,6 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 {
 	kvmfs_vcpu *v = ud;
 
-	v->cur_pc = addr;
-	v->cur_size = size;
 	if (__builtin_expect(!v->attn, 1))
 		return;
 	int a = v->attn;
@@ -510,55 +577,107 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 	}
 }
 
-static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize);
+/* Leave the engine at once from inside an IO hook: unicorn has put RIP and
+ * the flags on the IO instruction, which has not run. */
+static void __attribute__((noreturn)) stop_here(kvmfs_vcpu *v)
+{
+	uc_emu_stop(v->uc);
+	cpu_loop_exit_x86_64(v->cpu);
+}
+
+/* The IO instruction at RIP: string form, REP, address size, length. */
+struct io_insn { bool string, rep; int asize; uint32_t len; };
+
+static void decode_io(kvmfs_vcpu *v, struct io_insn *ii)
+{
+	uint8_t *e = v->live_env, b[15];
+	uint32_t hf = *(uint32_t *)(e + E_HFLAGS);
+	uint64_t la = ((struct segc *)(e + E_SEGS + 24 * R_CS))->base + *(uint64_t *)(e + E_RIP);
+	struct kvmfs_xlate xl;
+	bool a67 = false;
+
+	memset(ii, 0, sizeof *ii);
+	ii->len = 1;
+	if (!gmem(v, la, b, sizeof b, false, &xl)) {
+		for (int i = 0; i < 15; i++) {
+			uint8_t c = b[i];
+			if (c == 0xf3 || c == 0xf2) { ii->rep = true; continue; }
+			if (c == 0x67) { a67 = true; continue; }
+			if (c == 0x66 || c == 0x26 || c == 0x2e || c == 0x36 || c == 0x3e ||
+			    c == 0x64 || c == 0x65 || ((hf & HF_CS64) && c >= 0x40 && c <= 0x4f))
+				continue;
+			ii->string = c >= 0x6c && c <= 0x6f;
+			ii->len = i + ((c == 0xe4 || c == 0xe5 || c == 0xe6 || c == 0xe7) ? 2 : 1);
+			break;
+		}
+	}
+	if (hf & HF_CS64)
+		ii->asize = a67 ? 4 : 8;
+	else if (hf & HF_CS32)
+		ii->asize = a67 ? 2 : 4;
+	else
+		ii->asize = a67 ? 4 : 2;
+	if (!ii->string)
+		ii->rep = false;
+}
+
+static uint64_t asize_mask(int asize)
+{
+	return asize == 8 ? ~0ull : asize == 4 ? 0xffffffffull : 0xffffull;
+}
+
+/* A register written with address size asize, as QEMU does: 16-bit keeps the
+ * upper bits, 32-bit zero-extends. */
+static uint64_t asize_set(uint64_t old, uint64_t val, int asize)
+{
+	if (asize == 2)
+		return (old & ~0xffffull) | (val & 0xffff);
+	return val & asize_mask(asize);
+}
 
 static void out_hook(uc_engine *uc, uint32_t port, int size, uint32_t value, void *ud)
 {
 	kvmfs_vcpu *v = ud;
 	struct kvm_run *run = v->run;
+	uint8_t *e = v->live_env;
+	uint64_t *regs = (uint64_t *)e, *rip = (uint64_t *)(e + E_RIP);
+	struct io_insn ii;
 
-	if (v->why != WHY_NONE)
-		return;
 	run->io.direction = 1;
 	run->io.size = size;
 	run->io.port = port;
 	run->io.count = 1;
 	run->io.data_offset = 4096;
 	memcpy((uint8_t *)run + 4096, &value, size);
-	int asize;
-	bool rep;
-	decode_ins(v, &v->out_string, &rep, &asize);
-	v->out_len = v->cur_size;         /* the code hook of the next insn may run */
-	v->why = WHY_OUT;
-	uc_emu_stop(uc);
-}
-
-/* Decode the prefixes of the instruction at the current pc: is it INS or
- * OUTS (string I/O), with REP? */
-static void decode_ins(kvmfs_vcpu *v, bool *string, bool *rep, int *asize)
-{
-	uint8_t b[15];
-	struct kvmfs_xlate xl;
-	*string = *rep = false;
-	*asize = 8;
-	if (gmem(v, v->cur_pc, b, sizeof b, false, &xl))
-		return;
-	for (int i = 0; i < 15; i++) {
-		uint8_t c = b[i];
-		if (c == 0xf3 || c == 0xf2) { *rep = true; continue; }
-		if (c == 0x67) { *asize = 4; continue; }
-		if (c == 0x66 || c == 0x26 || c == 0x2e || c == 0x36 || c == 0x3e ||
-		    c == 0x64 || c == 0x65 || (c >= 0x40 && c <= 0x4f))
-			continue;
-		*string = c >= 0x6c && c <= 0x6f;
-		return;
+	decode_io(v, &ii);
+	if (ii.string) {
+		/* OUTS: one element per exit, retired here (RSI, and RCX for REP).
+		 * REP leaves RIP on the instruction even after the last element,
+		 * as KVM does; the next run finds RCX = 0 and moves on. */
+		int32_t df = *(int32_t *)(e + E_DF);
+		regs[6] = asize_set(regs[6], regs[6] + (int64_t)df * size, ii.asize);
+		if (ii.rep)
+			regs[1] = asize_set(regs[1], regs[1] - 1, ii.asize);
+		else
+			*rip += ii.len;
+	} else {
+		/* VMX/SVM fast PIO: RIP stays on the OUT until the next KVM_RUN */
+		v->out_rip = *rip;
+		v->out_next = *rip + ii.len;
+		if (!(*(uint32_t *)(e + E_HFLAGS) & HF_CS32))
+			v->out_next &= 0xffff;
+		v->out_pending = true;
 	}
+	v->why = WHY_OUT;
+	stop_here(v);
 }
 
 static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
 {
 	kvmfs_vcpu *v = ud;
 	struct kvm_run *run = v->run;
+	uint64_t *regs = (uint64_t *)v->live_env;
+	struct io_insn ii;
 	uint32_t val = 0;
 
 	if (v->pio_avail) {
@@ -567,22 +686,13 @@ static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
 		v->pio_avail--;
 		return val;
 	}
-	if (v->why != WHY_NONE)
-		return 0;
-	bool string, rep;
-	int asize;
-	decode_ins(v, &string, &rep, &asize);
-	v->saved_rip = rreg(v, UC_X86_REG_RIP);
-	v->saved_rax = rreg(v, UC_X86_REG_RAX);
-	v->saved_rcx = rreg(v, UC_X86_REG_RCX);
-	v->saved_rdi = rreg(v, UC_X86_REG_RDI);
-	v->saved_string = string;
+	decode_io(v, &ii);
 	uint32_t count = 1;
-	if (string && rep) {
-		uint64_t rcx = v->saved_rcx;
-		if (!(rreg(v, UC_X86_REG_CR0) & CR0_PE) || asize == 4)
-			rcx &= asize == 4 ? 0xffffffffull : 0xffffull;
-		uint64_t room = (4096 - (v->saved_rdi & 0xfff)) / size;
+	if (ii.rep) {
+		/* as many elements as fit the page at RDI and the data area */
+		uint64_t rcx = regs[1] & asize_mask(ii.asize);
+		uint64_t room = *(int32_t *)(v->live_env + E_DF) < 0 ?
+				(regs[7] & 0xfff) / size + 1 : (4096 - (regs[7] & 0xfff)) / size;
 		count = rcx < room ? rcx : room;
 		if (count > 1024u / size)
 			count = 1024u / size;
@@ -596,8 +706,7 @@ static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
 	run->io.data_offset = 4096;
 	v->pio_size = size;
 	v->why = WHY_IN;
-	uc_emu_stop(uc);
-	return 0;
+	stop_here(v);
 }
 
 static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
@@ -667,22 +776,33 @@ static void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value
 /* ------------------------------------------------------------ flush client -- */
 
 /*
- * Requests to a running vCPU (flush, kick, yield) only set a bit: the code hook
- * reads it before every instruction and stops the engine itself.  Calling
- * uc_emu_stop from another thread, or from a signal handler, can land inside a
- * memory access and make an instruction whose store was done run again.
+ * Requests to a running vCPU (flush, kick, yield) set a bit and, when the fast
+ * engine runs, stop it: it has no mid-block stop checks, so the stop lands on
+ * a block start with exact state.  The step engine is never stopped from
+ * outside (its memory accesses check the stop request and would restart a
+ * half-done instruction): its code hook reads the bit before each
+ * instruction.  A stop that lands while uc_emu_start is still starting is
+ * lost; the requesters repeat (flush every 2 ms, libfuse's interrupt every
+ * second, a waiting vCPU's yield every millisecond).
  */
+static void request(kvmfs_vcpu *v, int bit)
+{
+	__atomic_or_fetch(&v->attn, bit, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&v->running, __ATOMIC_SEQ_CST) == 1 + ENG_FAST)
+		uc_emu_stop(v->eng[ENG_FAST].uc);
+}
+
 static void flush_kick(void *opaque)
 {
-	kvmfs_vcpu *v = opaque;
-	__atomic_or_fetch(&v->attn, ATTN_FLUSH, __ATOMIC_SEQ_CST);
+	request(opaque, ATTN_FLUSH);
 }
 
 static void do_flush(kvmfs_vcpu *v)
 {
 	__atomic_and_fetch(&v->attn, ~ATTN_FLUSH, __ATOMIC_SEQ_CST);
 	uint64_t gen = kvmfs_mmu_flush_gen(v->mmu);
-	uc_ctl_flush_tlb(v->uc);
+	uc_ctl_flush_tlb(v->eng[ENG_FAST].uc);
+	uc_ctl_flush_tlb(v->eng[ENG_STEP].uc);
 	kvmfs_mmu_ack_flush(v->mmu, &v->fc, gen);
 }
 
@@ -923,10 +1043,56 @@ static void reset_state(kvmfs_vcpu *v)
 	kvmfs_vcpu_set_regs(v, &r);
 }
 
+static int engine_open(kvmfs_vcpu *v, int idx)
+{
+	struct engine *e = &v->eng[idx];
+	uc_hook h;
+
+	if (uc_open(UC_ARCH_X86, UC_MODE_64, &e->uc))
+		return -ENOMEM;
+	/* exits mode with no exits: uc_emu_start's `until` is ignored (otherwise
+	 * unicorn translates the until page at the end of every run, which
+	 * reaches the TLB-fill hook with a bogus fetch) */
+	if (uc_ctl_exits_enable(e->uc) ||
+	    uc_ctl_tlb_mode(e->uc, UC_TLB_VIRTUAL) ||
+	    uc_hook_add(e->uc, &h, UC_HOOK_TLB_FILL, (void *)tlb_fill, v, 1, 0) ||
+	    uc_hook_add(e->uc, &h, UC_HOOK_INSN, (void *)out_hook, v, 1, 0, UC_X86_INS_OUT) ||
+	    uc_hook_add(e->uc, &h, UC_HOOK_INSN, (void *)in_hook, v, 1, 0, UC_X86_INS_IN) ||
+	    uc_hook_add(e->uc, &h, UC_HOOK_INTR, (void *)intr_hook, v, 1, 0))
+		return -ENOMEM;
+	if (idx == ENG_STEP &&
+	    (uc_hook_add(e->uc, &h, UC_HOOK_CODE, (void *)code_hook, v, 1, 0) ||
+	     uc_mmio_map(e->uc, WIN_BASE, WIN_PAGES * 4096, win_read, v, win_write, v)))
+		return -ENOMEM;
+	if (!v->ctx && (uc_context_alloc(e->uc, &v->ctx) || uc_context_alloc(e->uc, &v->ctx_step)))
+		return -ENOMEM;
+	if (engine_check(v, e))
+		return -ENOSYS;
+	if (idx == ENG_FAST)
+		((uint8_t *)e->uc)[UC_NOEXIT_OFF] = 1;   /* see the top of this file */
+	return 0;
+}
+
+/* Move the register state to engine idx and make it current.  Its TLB is
+ * flushed: it may hold translations from before the other engine ran. */
+static void use_engine(kvmfs_vcpu *v, int idx)
+{
+	struct engine *e = &v->eng[idx];
+
+	if (v->cur != idx) {
+		uc_context_save(v->uc, v->ctx);
+		uc_context_restore(e->uc, v->ctx);
+		uc_ctl_flush_tlb(e->uc);
+	}
+	v->cur = idx;
+	v->uc = e->uc;
+	v->cpu = e->cpu;
+	v->live_env = e->env;
+}
+
 KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run *run)
 {
 	kvmfs_vcpu *v = calloc(1, sizeof(*v));
-	uc_hook h;
 
 	if (!v)
 		return NULL;
@@ -934,24 +1100,10 @@ KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run
 	v->id = id;
 	v->vl = vmlock_get(mmu);
 	v->run = run;
-	if (uc_open(UC_ARCH_X86, UC_MODE_64, &v->uc))
+	if (engine_open(v, ENG_STEP) || engine_open(v, ENG_FAST))
 		goto fail;
-	/* exits mode with no exits: uc_emu_start's `until` is ignored (otherwise
-	 * unicorn translates the until page at the end of every run, which
-	 * reaches the TLB-fill hook with a bogus fetch) */
-	if (uc_ctl_exits_enable(v->uc) ||
-	    uc_ctl_tlb_mode(v->uc, UC_TLB_VIRTUAL) ||
-	    uc_hook_add(v->uc, &h, UC_HOOK_TLB_FILL, (void *)tlb_fill, v, 1, 0) ||
-	    uc_hook_add(v->uc, &h, UC_HOOK_CODE, (void *)code_hook, v, 1, 0) ||
-	    uc_hook_add(v->uc, &h, UC_HOOK_INSN, (void *)out_hook, v, 1, 0, UC_X86_INS_OUT) ||
-	    uc_hook_add(v->uc, &h, UC_HOOK_INSN, (void *)in_hook, v, 1, 0, UC_X86_INS_IN) ||
-	    uc_hook_add(v->uc, &h, UC_HOOK_INTR, (void *)intr_hook, v, 1, 0) ||
-	    uc_mmio_map(v->uc, WIN_BASE, WIN_PAGES * 4096, win_read, v, win_write, v))
-		goto fail;
-	if (uc_context_alloc(v->uc, &v->ctx) || uc_context_alloc(v->uc, &v->ctx_step))
-		goto fail;
-	if (env_selfcheck(v))
-		goto fail;
+	v->cur = ENG_FAST;
+	use_engine(v, ENG_FAST);
 	v->apic_base = 0xfee00900;
 	reset_state(v);
 	if (run) {
@@ -978,8 +1130,12 @@ KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
 		uc_context_free(v->ctx);
 	if (v->ctx_step)
 		uc_context_free(v->ctx_step);
-	if (v->uc)
-		uc_close(v->uc);
+	for (int i = 0; i < 2; i++) {
+		if (v->eng[i].uc)
+			uc_close(v->eng[i].uc);
+		for (int k = 0; k < CODE_PAGES; k++)
+			free(v->eng[i].code[k].copy);
+	}
 	free(v->hm);
 	free(v->hm_mapped);
 	free(v);
@@ -989,7 +1145,7 @@ KVMFS_API uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v) { return v->miss_hva; }
 
 KVMFS_API void kvmfs_vcpu_kick(kvmfs_vcpu *v)
 {
-	__atomic_or_fetch(&v->attn, ATTN_KICK, __ATOMIC_SEQ_CST);
+	request(v, ATTN_KICK);
 }
 
 static void intr_signal(int sig)
@@ -1041,25 +1197,39 @@ static int internal_error(kvmfs_vcpu *v, uint32_t sub)
 	return exit_to(v, 17);
 }
 
-/* One slice of emulation from the current RIP.  Returns the uc_err. */
-static uc_err slice(kvmfs_vcpu *v)
+/* One slice of emulation on engine idx from the current RIP.  Returns the uc_err. */
+static uc_err slice(kvmfs_vcpu *v, int idx)
 {
-	uint64_t rip = rreg(v, UC_X86_REG_RIP);
 	uc_err e;
 
+	use_engine(v, idx);
+	uint64_t rip = *(uint64_t *)(v->live_env + E_RIP);
 	v->why = WHY_NONE;
 	v->fill_remap = false;
+	v->code_stale = false;
 	v->yielded = false;
+	if (v->check_rip) {
+		/* the VMM may have rewritten the code KVM_RUN enters at */
+		struct kvmfs_paging pg;
+		struct kvmfs_xlate xl;
+		uint64_t la = ((struct segc *)(v->live_env + E_SEGS + 24 * R_CS))->base + rip;
+		v->check_rip = false;
+		paging_now(v, &pg, -1);
+		kvmfs_mmu_translate(v->mmu, &pg, la & ~0xfffull, KVMFS_ACC_FETCH, &xl);
+		if (xl.kind == KVMFS_XL_OK && xl.uphys < v->uphys_end &&
+		    code_page_check(&v->eng[idx], xl.uphys, xl.host))
+			code_page_drop(&v->eng[idx], la);
+	}
 	if (!turn_take(v))
 		return UC_ERR_OK;         /* kicked while waiting: handle_stop sees it */
-	__atomic_store_n(&v->in_emu, 1, __ATOMIC_SEQ_CST);
-	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH)) {
-		__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&v->running, 1 + idx, __ATOMIC_SEQ_CST);
+	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH | ATTN_YIELD)) {
+		__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
 		turn_give(v);
 		return UC_ERR_OK;
 	}
 	e = uc_emu_start(v->uc, rip, UNTIL_NEVER, 0, 0);
-	__atomic_store_n(&v->in_emu, 0, __ATOMIC_SEQ_CST);
+	__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
 	turn_give(v);
 	return e;
 }
@@ -1073,7 +1243,7 @@ static bool turn_take(kvmfs_vcpu *v)
 		return true;
 	if (pthread_mutex_trylock(&vl->m)) {
 		clock_gettime(CLOCK_MONOTONIC, &t0);
-		bool asked = false;
+		long asked_at = -1;
 		for (;;) {
 			struct timespec dl;
 			clock_gettime(CLOCK_REALTIME, &dl);
@@ -1086,13 +1256,9 @@ static bool turn_take(kvmfs_vcpu *v)
 			clock_gettime(CLOCK_MONOTONIC, &now);
 			long us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
 			kvmfs_vcpu *h = __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST);
-			if (!asked && us > 1000 && h) {
-				/* by flag only (see flush_kick): with uc_emu_stop from here
-				 * one lock xadd in a few thousand hand-overs counted twice
-				 * (60001 for 60000 in 2 of 31 runs under load; 0 of 400
-				 * without it) */
-				__atomic_or_fetch(&h->attn, ATTN_YIELD, __ATOMIC_SEQ_CST);
-				asked = true;
+			if (us > 1000 && h && (asked_at < 0 || us - asked_at > 1000)) {
+				request(h, ATTN_YIELD);   /* again each ms: a stop can be lost */
+				asked_at = us;
 			}
 		}
 	}
@@ -1118,18 +1284,31 @@ static void turn_give(kvmfs_vcpu *v)
 	}
 }
 
-/* Execute exactly one instruction (budget 1); returns the uc_err. */
-static uc_err step_one(kvmfs_vcpu *v)
+/*
+ * Execute n instructions (n iterations of a REP instruction) on the step
+ * engine; returns the uc_err.  Its translations of the code at RIP are
+ * dropped first: code written since by the fast engine, another vCPU or the
+ * VMM would not be seen otherwise (each engine only watches its own writes).
+ */
+static uc_err step_n(kvmfs_vcpu *v, int n)
 {
 	uc_err e;
+	uint64_t la;
+
+	use_engine(v, ENG_STEP);
+	la = ((struct segc *)(v->live_env + E_SEGS + 24 * R_CS))->base +
+	     *(uint64_t *)(v->live_env + E_RIP);
+	uc_ctl_remove_cache(v->uc, la, la + 16);
 	__atomic_or_fetch(&v->attn, ATTN_STEP, __ATOMIC_SEQ_CST);
-	v->step_left = 1;
-	e = slice(v);
+	v->step_left = n;
+	e = slice(v, ENG_STEP);
 	__atomic_and_fetch(&v->attn, ~ATTN_STEP, __ATOMIC_SEQ_CST);
 	if (v->why == WHY_STEP)
 		v->why = WHY_NONE;
 	return e;
 }
+
+static uc_err step_one(kvmfs_vcpu *v) { return step_n(v, 1); }
 
 /*
  * Run the MMIO instruction at RIP alone with the MMIO window mapped.  Returns
@@ -1200,11 +1379,11 @@ static int complete_pending(kvmfs_vcpu *v)
 	}
 	v->writes_reported = 0;
 	if (v->pending == PEND_IN) {
+		/* the IN has not run: it takes the data when it runs again */
 		v->pending = PEND_NONE;
+		v->why = WHY_NONE;
 		v->pio_avail = run->io.count;
 		v->pio_idx = 0;
-		step_one(v);
-		/* rep ins: the rest of the buffer is consumed by the next slices */
 		return 0;
 	}
 	if (v->pending == PEND_MMIO_READ) {
@@ -1231,24 +1410,10 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 	struct kvm_run *run = v->run;
 
 	switch (v->why) {
-	case WHY_OUT:
-		/* VMX/SVM fast PIO: RIP stays on OUT until the next KVM_RUN
-		 * completes it.  String OUTS are emulated: unicorn's per-element
-		 * state (RCX/RSI stepped, RIP on the instruction even after the
-		 * last element, measured on KVM too) is already right. */
-		if (!v->out_string) {
-			v->out_next = rreg(v, UC_X86_REG_RIP);
-			v->out_rip = v->out_next - v->out_len;
-			v->out_pending = true;
-			wreg(v, UC_X86_REG_RIP, v->out_rip);
-		}
+	case WHY_OUT:                     /* state set by out_hook */
 		*rc = exit_to(v, 2);
 		return 1;
 	case WHY_IN:
-		wreg(v, UC_X86_REG_RAX, v->saved_rax);
-		wreg(v, UC_X86_REG_RCX, v->saved_rcx);
-		wreg(v, UC_X86_REG_RDI, v->saved_rdi);
-		wreg(v, UC_X86_REG_RIP, v->saved_rip);
 		v->pending = PEND_IN;
 		*rc = exit_to(v, 2);
 		return 1;
@@ -1277,6 +1442,10 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		return 0;
 	}
 	case WHY_FILL:
+		if (v->code_stale) {
+			code_page_drop(&v->eng[v->cur], v->fill_vaddr);
+			return 0;
+		}
 		if (v->fill_remap) {
 			*rc = map_hostmem(v);
 			return *rc ? 1 : 0;
@@ -1353,7 +1522,7 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 	run->internal.ndata = 3;          /* kvmfs: uc_err, stop cause, pc */
 	run->internal.data[0] = e;
 	run->internal.data[1] = v->why;
-	run->internal.data[2] = v->cur_pc;
+	run->internal.data[2] = rreg(v, UC_X86_REG_RIP);
 	return 1;
 }
 
@@ -1368,6 +1537,7 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 		return -EINVAL;
 	v->cr8 = run->cr8;
 	v->stats.runs++;
+	v->check_rip = true;
 	cur_vcpu = v;
 	kvmfs_mmu_enter(v->mmu, &v->fc);
 	if (kvmfs_mmu_flush_gen(v->mmu) > v->fc.acked_gen)
@@ -1376,9 +1546,13 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 		goto out;
 
 	if (run->immediate_exit) {
-		if (v->pending != PEND_NONE || v->out_pending) {
-			int r = complete_pending(v);
-			(void)r;
+		/* as KVM: the userspace IO is completed first, then EINTR */
+		bool in = v->pending == PEND_IN;
+		if (v->pending != PEND_NONE || v->out_pending)
+			complete_pending(v);
+		if (in && v->pio_avail) {
+			step_n(v, v->pio_avail);
+			v->why = WHY_NONE;
 		}
 		rc = -EINTR;
 		goto out;
@@ -1438,7 +1612,8 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 			rc = exit_to(v, 4);
 			goto out;
 		}
-		uc_err e = slice(v);
+		/* waiting for IF to open needs the per-instruction hook */
+		uc_err e = slice(v, watch ? ENG_STEP : ENG_FAST);
 		if (handle_stop(v, e, &rc))
 			goto out;
 	}

@@ -691,6 +691,19 @@ def run_argument_errors(vm, vcpu, mem):
     return out
 
 
+@api_case(["run 1: OUT 0x10 data 0x1", "run 2: OUT 0x10 data 0x2", "run 3: OUT 0x10 data 0x3"])
+def code_rewritten_between_runs(vm, vcpu, mem):
+    """The VMM rewrites the code at RIP between runs: the next KVM_RUN runs the new code."""
+    out = []
+    for n in (1, 2, 3):
+        _put(mem, 0x1000, bytes([0xB0, n, 0xE6, 0x10, 0xF4]))     # mov al,n; out 0x10,al; hlt
+        setup(vcpu, mem, "real", 0x1000)
+        vcpu.run()
+        out.append(f"run {n}: OUT {vcpu.kvm_run.exit.io.port:#x} data {vcpu.io_data()[0]:#x}")
+        vcpu.run()
+    return out
+
+
 def run_api_case(mnt, case):
     kvm = Kvm(mnt)
     vm = kvm.create_vm()
