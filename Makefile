@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.kvmfs-installed
-NATIVE  := $(wildcard native/*.c native/*.h) native/build.py
+NATIVE  := $(wildcard native/*.c native/*.h patches/*.patch) native/build.py tools/build-unicorn
 SO      := kvmfs/.native-built
 MNT     ?= mnt
 
@@ -11,12 +11,15 @@ MNT     ?= mnt
 all: $(SO)
 
 # System packages (libfuse for fusepy, fuse3 for /dev/fuse tools, binutils for
-# the guests), then a venv with the package installed editable.
+# the guests, cmake for unicorn), then a venv with the package installed
+# editable, linked against unicorn built from source with patches/ (the Python
+# binding of unicorn is only the benchmarks' "unicorn alone" anchor).
 $(STAMP): pyproject.toml setup.py
 	@tools/install-deps
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing kvmfs into $(VENV) ..."
 	@$(PY) -m pip install -q --upgrade pip setuptools wheel "cffi>=1.15" unicorn==2.1.4 fusepy==3.0.1 pytest
+	@PY=$(PY) tools/build-unicorn
 	@$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
 
@@ -24,6 +27,7 @@ deps: $(STAMP)
 
 # The native module, rebuilt in place whenever a C source or header changes.
 $(SO): $(STAMP) $(NATIVE)
+	@PY=$(PY) tools/build-unicorn
 	@$(PY) native/build.py
 	@touch $@
 

@@ -3,10 +3,8 @@
 `ffi` and `lib` are cffi's handles.  `ensure(rc, op)` turns a C -errno result
 into KvmError, so callers above never look at raw return codes.
 """
-import unicorn  # noqa: F401  -- loads libunicorn.so.2 so our DT_NEEDED entry resolves to it
-
-from kvmfs._kvmfs_native import ffi, lib  # noqa: E402
-from kvmfs.errors import KvmError  # noqa: E402
+from kvmfs._kvmfs_native import ffi, lib
+from kvmfs.errors import KvmError
 
 
 def ensure(rc, op, detail="", warn=True):

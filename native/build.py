@@ -1,19 +1,23 @@
 """cffi builder for kvmfs._kvmfs_native: cdef the two headers, compile native/*.c.
 
 Run directly (`python native/build.py`) to compile in place for development;
-setup.py hands `ffi` to setuptools for installs.  libunicorn.so.2 comes from the
-`unicorn` wheel: kvmfs/_native.py imports unicorn first, so the loader matches
-our DT_NEEDED entry against the copy the binding already loaded.
+setup.py hands `ffi` to setuptools for installs.  unicorn is linked in
+statically from build/unicorn (tools/build-unicorn: the release source plus
+patches/), its symbols kept private, so the module neither needs nor clashes with
+the libunicorn.so.2 of the Python binding.
 """
 import glob
 import os
 import re
 
-import unicorn
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UC = os.path.dirname(unicorn.__file__)
+UC = os.path.join(os.path.dirname(HERE), "build", "unicorn")
+if not os.path.isdir(os.path.join(UC, "lib")):
+    raise SystemExit("build/unicorn is missing: run tools/build-unicorn (make does)")
+_UC_LIBS = [os.path.join(UC, "lib", a) for a in
+            ("libunicorn_static.a", "libx86_64-softmmu.a", "libunicorn-common.a")]
 
 
 def _strip_comments(text):
@@ -31,9 +35,9 @@ ffi.set_source(
     '#include "kvmfs_internal.h"\n',
     sources=[os.path.relpath(s) for s in _sources],
     include_dirs=[HERE, os.path.join(UC, "include")],
-    library_dirs=[os.path.join(UC, "lib")],
-    libraries=[":libunicorn.so.2", "pthread"],
-    extra_link_args=["-Wl,-rpath," + os.path.join(UC, "lib")],
+    libraries=["m", "pthread"],
+    extra_link_args=["-Wl,--start-group", *_UC_LIBS, "-Wl,--end-group",
+                     "-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic"],
     extra_compile_args=[
         "-O2",
         "-std=gnu11",

@@ -140,7 +140,6 @@ struct code_page { uint64_t uphys; uint8_t *copy; };
 #define ATTN_FLUSH 2
 #define ATTN_STEP 4
 #define ATTN_WATCH_IF 8
-#define ATTN_YIELD 16
 
 /* why the last emulation slice ended (set by hooks) */
 enum stop_why { WHY_NONE, WHY_OUT, WHY_IN, WHY_FILL, WHY_INTR, WHY_STEP, WHY_IFOPEN };
@@ -151,27 +150,15 @@ enum pending { PEND_NONE, PEND_IN, PEND_MMIO_READ };
 struct mmio_acc { uint64_t gpa; uint32_t len; uint64_t data; };
 
 /*
- * SMP: unicorn translates LOCK-prefixed instructions without host atomics
- * (its TBs are not built for parallel CPUs: 3 vCPUs doing `lock xadd` lost
- * half the increments), so the vCPUs of one VM take turns in the emulator:
- * a per-VM mutex is held for each emulation slice.  A vCPU that waits more
- * than 1 ms asks the holder to yield (stop at its next instruction).  This
- * gives sequentially consistent memory between vCPUs at the price of
- * parallel speed; VMs with one vCPU never touch the lock.
+ * SMP: the vCPUs of a VM run in parallel, each engine in its own thread on the
+ * same host memory.  The fast engine generates code with host atomics for
+ * LOCK-prefixed (and implicitly locked) instructions (uc_set_tcg_parallel,
+ * patches/unicorn-2.1.4-parallel.patch); without them `lock xadd` from three
+ * vCPUs lost half the increments.  An atomic access the host cannot do in one
+ * operation (crossing a page) is replayed alone without them on the step
+ * engine, which otherwise generates atomics too (but not for MMIO replays).
  */
-struct vmlock {
-	kvmfs_mmu *mmu;
-	int nvcpus;
-	pthread_mutex_t m;
-	struct kvmfs_vcpu *holder;
-	uint64_t handoffs;
-};
-#define MAX_VMS 256
-static struct vmlock vmlocks[MAX_VMS];
-static pthread_mutex_t vmlocks_lock = PTHREAD_MUTEX_INITIALIZER;
-
 struct kvmfs_vcpu {
-	struct vmlock *vl;
 	uc_engine *uc;
 	kvmfs_mmu *mmu;
 	uint32_t id;
@@ -198,11 +185,11 @@ struct kvmfs_vcpu {
 	int fill_access;
 	bool fill_remap;
 	bool code_stale;                  /* a fetch fill found its page rewritten */
+	bool no_atomics;                  /* step engine: plain code (MMIO, atomic replay) */
 	bool check_rip;                   /* KVM_RUN entry: check RIP's code page */
 	uint32_t intno;
 	uint64_t intr_rip;
 	int step_left;
-	bool yielded;
 
 	/* port I/O */
 	int pending;
@@ -235,41 +222,6 @@ struct kvmfs_vcpu {
 };
 
 static __thread kvmfs_vcpu *cur_vcpu;
-
-static struct vmlock *vmlock_get(kvmfs_mmu *mmu)
-{
-	struct vmlock *free_one = NULL, *r = NULL;
-
-	pthread_mutex_lock(&vmlocks_lock);
-	for (int i = 0; i < MAX_VMS; i++) {
-		if (vmlocks[i].mmu == mmu) { r = &vmlocks[i]; break; }
-		if (!vmlocks[i].mmu && !free_one)
-			free_one = &vmlocks[i];
-	}
-	if (!r && free_one) {
-		r = free_one;
-		r->mmu = mmu;
-		pthread_mutex_init(&r->m, NULL);
-	}
-	if (r)
-		r->nvcpus++;
-	pthread_mutex_unlock(&vmlocks_lock);
-	return r;
-}
-
-static void vmlock_put(struct vmlock *vl)
-{
-	pthread_mutex_lock(&vmlocks_lock);
-	if (--vl->nvcpus == 0) {
-		pthread_mutex_destroy(&vl->m);
-		vl->mmu = NULL;
-	}
-	pthread_mutex_unlock(&vmlocks_lock);
-}
-
-/* Take the VM's emulation turn; false if kicked while waiting. */
-static bool turn_take(struct kvmfs_vcpu *v);
-static void turn_give(struct kvmfs_vcpu *v);
 
 /* ----------------------------------------------------------- env access -- */
 
@@ -552,7 +504,7 @@ static void code_hook(uc_engine *uc, uint64_t addr, uint32_t size, void *ud)
 	if (__builtin_expect(!v->attn, 1))
 		return;
 	int a = v->attn;
-	if (a & (ATTN_KICK | ATTN_FLUSH | ATTN_YIELD)) {
+	if (a & (ATTN_KICK | ATTN_FLUSH)) {
 		uc_emu_stop(uc);
 		return;
 	}
@@ -776,14 +728,14 @@ static void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value
 /* ------------------------------------------------------------ flush client -- */
 
 /*
- * Requests to a running vCPU (flush, kick, yield) set a bit and, when the fast
+ * Requests to a running vCPU (flush, kick) set a bit and, when the fast
  * engine runs, stop it: it has no mid-block stop checks, so the stop lands on
  * a block start with exact state.  The step engine is never stopped from
  * outside (its memory accesses check the stop request and would restart a
  * half-done instruction): its code hook reads the bit before each
  * instruction.  A stop that lands while uc_emu_start is still starting is
  * lost; the requesters repeat (flush every 2 ms, libfuse's interrupt every
- * second, a waiting vCPU's yield every millisecond).
+ * second).
  */
 static void request(kvmfs_vcpu *v, int bit)
 {
@@ -1068,8 +1020,10 @@ static int engine_open(kvmfs_vcpu *v, int idx)
 		return -ENOMEM;
 	if (engine_check(v, e))
 		return -ENOSYS;
-	if (idx == ENG_FAST)
+	if (idx == ENG_FAST) {
 		((uint8_t *)e->uc)[UC_NOEXIT_OFF] = 1;   /* see the top of this file */
+		uc_set_tcg_parallel(e->uc, 1);
+	}
 	return 0;
 }
 
@@ -1098,7 +1052,6 @@ KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run
 		return NULL;
 	v->mmu = mmu;
 	v->id = id;
-	v->vl = vmlock_get(mmu);
 	v->run = run;
 	if (engine_open(v, ENG_STEP) || engine_open(v, ENG_FAST))
 		goto fail;
@@ -1124,8 +1077,6 @@ KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
 		return;
 	if (v->fc.attached)
 		kvmfs_mmu_detach(v->mmu, &v->fc);
-	if (v->vl)
-		vmlock_put(v->vl);
 	if (v->ctx)
 		uc_context_free(v->ctx);
 	if (v->ctx_step)
@@ -1207,7 +1158,6 @@ static uc_err slice(kvmfs_vcpu *v, int idx)
 	v->why = WHY_NONE;
 	v->fill_remap = false;
 	v->code_stale = false;
-	v->yielded = false;
 	if (v->check_rip) {
 		/* the VMM may have rewritten the code KVM_RUN enters at */
 		struct kvmfs_paging pg;
@@ -1220,68 +1170,16 @@ static uc_err slice(kvmfs_vcpu *v, int idx)
 		    code_page_check(&v->eng[idx], xl.uphys, xl.host))
 			code_page_drop(&v->eng[idx], la);
 	}
-	if (!turn_take(v))
-		return UC_ERR_OK;         /* kicked while waiting: handle_stop sees it */
+	if (idx == ENG_STEP)
+		uc_set_tcg_parallel(v->uc, !v->no_atomics && !v->mmio_step);
 	__atomic_store_n(&v->running, 1 + idx, __ATOMIC_SEQ_CST);
-	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH | ATTN_YIELD)) {
+	if (__atomic_load_n(&v->attn, __ATOMIC_SEQ_CST) & (ATTN_KICK | ATTN_FLUSH)) {
 		__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
-		turn_give(v);
 		return UC_ERR_OK;
 	}
 	e = uc_emu_start(v->uc, rip, UNTIL_NEVER, 0, 0);
 	__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
-	turn_give(v);
 	return e;
-}
-
-static bool turn_take(kvmfs_vcpu *v)
-{
-	struct vmlock *vl = v->vl;
-	struct timespec t0, now;
-
-	if (!vl || __atomic_load_n(&vl->nvcpus, __ATOMIC_RELAXED) < 2)
-		return true;
-	if (pthread_mutex_trylock(&vl->m)) {
-		clock_gettime(CLOCK_MONOTONIC, &t0);
-		long asked_at = -1;
-		for (;;) {
-			struct timespec dl;
-			clock_gettime(CLOCK_REALTIME, &dl);
-			dl.tv_nsec += 200000;
-			if (dl.tv_nsec >= 1000000000) { dl.tv_sec++; dl.tv_nsec -= 1000000000; }
-			if (pthread_mutex_timedlock(&vl->m, &dl) == 0)
-				break;
-			if (v->attn & (ATTN_KICK | ATTN_FLUSH))
-				return false;
-			clock_gettime(CLOCK_MONOTONIC, &now);
-			long us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
-			kvmfs_vcpu *h = __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST);
-			if (us > 1000 && h && (asked_at < 0 || us - asked_at > 1000)) {
-				request(h, ATTN_YIELD);   /* again each ms: a stop can be lost */
-				asked_at = us;
-			}
-		}
-	}
-	__atomic_store_n(&vl->holder, v, __ATOMIC_SEQ_CST);
-	return true;
-}
-
-static void turn_give(kvmfs_vcpu *v)
-{
-	struct vmlock *vl = v->vl;
-
-	if (!vl || __atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST) != v)
-		return;
-	__atomic_store_n(&vl->holder, NULL, __ATOMIC_SEQ_CST);
-	pthread_mutex_unlock(&vl->m);
-	if (v->attn & ATTN_YIELD) {
-		v->yielded = true;
-		/* let the waiter in before competing again */
-		__atomic_and_fetch(&v->attn, ~ATTN_YIELD, __ATOMIC_SEQ_CST);
-		vl->handoffs++;
-		for (int i = 0; i < 2000 && !__atomic_load_n(&vl->holder, __ATOMIC_SEQ_CST); i++)
-			sched_yield();
-	}
 }
 
 /*
@@ -1502,8 +1400,15 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		*rc = -EINTR;
 		return 1;
 	}
-	if (v->yielded)
+	if (e == UC_ERR_RESOURCE) {
+		/* an atomic access across a page: once without host atomics */
+		v->no_atomics = true;
+		uc_err e2 = step_one(v);
+		v->no_atomics = false;
+		if (v->why != WHY_NONE || e2 != UC_ERR_OK)
+			return handle_stop(v, e2, rc);
 		return 0;
+	}
 	if (e == UC_ERR_OK) {
 		/* HLT is the only way a slice ends cleanly without a reason */
 		uint8_t b = 0;

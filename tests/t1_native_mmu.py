@@ -16,7 +16,6 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import unicorn  # noqa: E402,F401  -- loads libunicorn.so.2 for the native module
 from kvmfs._kvmfs_native import ffi, lib  # noqa: E402
 
 PAGE = 4096

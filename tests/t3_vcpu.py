@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import unicorn  # noqa: F401  (loads libunicorn.so.2 before the native module)
 
 from kvmfs._kvmfs_native import ffi, lib
 

@@ -190,7 +190,7 @@ def test_demo_guest(real_kvm, mounted):
 
 
 # --- several vCPUs -------------------------------------------------------------------
-N_VCPUS, N_ITER = 4, 20000
+N_VCPUS, N_ITER = 4, 300000
 
 
 def run_counter(mnt):
