@@ -48,6 +48,7 @@
 #include <time.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unicorn/unicorn.h>
@@ -215,6 +216,11 @@ struct kvmfs_vcpu {
 	bool shadow;                      /* interrupt shadow after STI seen by the watch */
 	uint32_t debug_ctl;
 	uint64_t miss_hva;
+
+	/* KVM_SET_CPUID2's table: what CPUID answers (empty: zeros, as KVM) */
+	struct kvm_cpuid_entry2 *cpuid;
+	uint32_t ncpuid;
+	bool has_run;                     /* KVM_SET_CPUID2 may then only repeat the table */
 
 	/* registers kept outside the engine */
 	uint64_t cr8, apic_base, tsc_offset;
@@ -661,6 +667,49 @@ static uint32_t in_hook(uc_engine *uc, uint32_t port, int size, void *ud)
 	stop_here(v);
 }
 
+/* CPUID answers from the table the VMM set, as KVM's kvm_cpuid(): an exact
+ * match (index only where flagged significant); a leaf above its range's
+ * maximum reads as the highest basic leaf (Intel); otherwise zeros.  OSXSAVE
+ * follows CR4.OSXSAVE. */
+static const struct kvm_cpuid_entry2 *cpuid_find(kvmfs_vcpu *v, uint32_t fn, uint32_t idx)
+{
+	for (uint32_t i = 0; i < v->ncpuid; i++) {
+		const struct kvm_cpuid_entry2 *e = &v->cpuid[i];
+		if (e->function == fn && (!(e->flags & 1) || e->index == idx))
+			return e;
+	}
+	return NULL;
+}
+
+static int cpuid_hook(uc_engine *uc, void *ud)
+{
+	kvmfs_vcpu *v = ud;
+	uint64_t *regs = (uint64_t *)v->live_env;
+	uint32_t fn = (uint32_t)regs[0], idx = (uint32_t)regs[1];
+	const struct kvm_cpuid_entry2 *e = cpuid_find(v, fn, idx);
+
+	if (!e) {
+		const struct kvm_cpuid_entry2 *range = cpuid_find(v, fn & 0x80000000u, 0);
+		const struct kvm_cpuid_entry2 *basic = cpuid_find(v, 0, 0);
+		if (range && fn > range->eax && basic)
+			e = cpuid_find(v, basic->eax, idx);
+	}
+	uint32_t a = e ? e->eax : 0, b = e ? e->ebx : 0, c = e ? e->ecx : 0, d = e ? e->edx : 0;
+	if (e && e->function == 1) {
+		c &= ~(1u << 27);
+		if (*(uint64_t *)(v->live_env + E_CR + 32) & (1ull << 18))
+			c |= 1u << 27;
+		d &= ~(1u << 9);
+		if (v->apic_base & (1u << 11))
+			d |= 1u << 9;
+	}
+	regs[0] = a;                      /* 32-bit results zero-extend */
+	regs[3] = b;
+	regs[1] = c;
+	regs[2] = d;
+	return 1;                         /* skip unicorn's own CPUID */
+}
+
 static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
 {
 	kvmfs_vcpu *v = ud;
@@ -1010,6 +1059,7 @@ static int engine_open(kvmfs_vcpu *v, int idx)
 	    uc_hook_add(e->uc, &h, UC_HOOK_TLB_FILL, (void *)tlb_fill, v, 1, 0) ||
 	    uc_hook_add(e->uc, &h, UC_HOOK_INSN, (void *)out_hook, v, 1, 0, UC_X86_INS_OUT) ||
 	    uc_hook_add(e->uc, &h, UC_HOOK_INSN, (void *)in_hook, v, 1, 0, UC_X86_INS_IN) ||
+	    uc_hook_add(e->uc, &h, UC_HOOK_INSN, (void *)cpuid_hook, v, 1, 0, UC_X86_INS_CPUID) ||
 	    uc_hook_add(e->uc, &h, UC_HOOK_INTR, (void *)intr_hook, v, 1, 0))
 		return -ENOMEM;
 	if (idx == ENG_STEP &&
@@ -1089,6 +1139,7 @@ KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
 	}
 	free(v->hm);
 	free(v->hm_mapped);
+	free(v->cpuid);
 	free(v);
 }
 
@@ -1177,6 +1228,7 @@ static uc_err slice(kvmfs_vcpu *v, int idx)
 		__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
 		return UC_ERR_OK;
 	}
+	v->has_run = true;
 	e = uc_emu_start(v->uc, rip, UNTIL_NEVER, 0, 0);
 	__atomic_store_n(&v->running, 0, __ATOMIC_SEQ_CST);
 	return e;
@@ -1733,7 +1785,25 @@ KVMFS_API int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, 
 
 KVMFS_API int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 *e, uint32_t n)
 {
-	return n > 256 ? -E2BIG : 0;
+	if (n > 256)
+		return -E2BIG;
+	if (v->has_run) {
+		/* as KVM since 5.16: after KVM_RUN only the same table is accepted */
+		if (n != v->ncpuid)
+			return -EINVAL;
+		for (uint32_t i = 0; i < n; i++)
+			if (memcmp(&e[i], &v->cpuid[i], offsetof(struct kvm_cpuid_entry2, padding)))
+				return -EINVAL;
+		return 0;
+	}
+	struct kvm_cpuid_entry2 *t = malloc((n ? n : 1) * sizeof(*t));
+	if (!t)
+		return -ENOMEM;
+	memcpy(t, e, n * sizeof(*t));
+	free(v->cpuid);
+	v->cpuid = t;
+	v->ncpuid = n;
+	return 0;
 }
 
 KVMFS_API int kvmfs_supported_cpuid(struct kvm_cpuid_entry2 *out, uint32_t max)

@@ -102,6 +102,9 @@ def test_kvm(kvm, entry):
     case, api = entry
     got = result("kvm", kvm, case, api)
     answers = case.kvm_answers(HOST)
+    if answers is None:                    # this host answers with its own values: ran is enough
+        assert not any(str(x).startswith(("child raised", "timeout")) for x in got), got
+        return
     assert got in answers, f"{case.name} on /dev/kvm ({HOST}): {case.why}\n" + _diff(got, answers[0])
 
 
@@ -113,7 +116,8 @@ def test_kvmfs(kvmfs, entry):
     assert got == want, f"{case.name} on kvmfs: {case.why}\n" + _diff(got, want)
 
 
-@pytest.mark.parametrize("entry", [e for e in ALL if e[0].comparable(HOST)], ids=_id)
+@pytest.mark.parametrize("entry", [e for e in ALL if e[0].kvm_answers(HOST) is not None
+                                   and e[0].comparable(HOST)], ids=_id)
 def test_kvmfs_same_as_kvm(kvm, kvmfs, entry):
     case, api = entry
     theirs = result("kvm", kvm, case, api)
