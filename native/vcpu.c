@@ -69,6 +69,8 @@
 #define E_IDT 400
 #define E_CR 424
 #define E_EFER 592
+#define E_ERROR_CODE 5384             /* error code of the exception being raised */
+#define E_OLD_EXCEPTION 5496          /* exception in flight (QEMU's #DF promotion) */
 
 #define R_ES 0
 #define R_CS 1
@@ -188,7 +190,7 @@ struct kvmfs_vcpu {
 	bool code_stale;                  /* a fetch fill found its page rewritten */
 	bool no_atomics;                  /* step engine: plain code (MMIO, atomic replay) */
 	bool check_rip;                   /* KVM_RUN entry: check RIP's code page */
-	uint32_t intno;
+	uint32_t intno, intr_err;
 	uint64_t intr_rip;
 	int step_left;
 
@@ -717,6 +719,10 @@ static void intr_hook(uc_engine *uc, uint32_t intno, void *ud)
 	if (v->why == WHY_NONE || v->why == WHY_STEP) {
 		v->why = WHY_INTR;
 		v->intno = intno;
+		v->intr_err = *(uint32_t *)(v->live_env + E_ERROR_CODE);
+		/* delivered here, not by QEMU: nothing is in flight any more
+		 * (else the next contributory fault turns into #DF) */
+		*(int32_t *)(v->live_env + E_OLD_EXCEPTION) = -1;
 		v->intr_rip = rreg(v, UC_X86_REG_RIP);
 	}
 	uc_emu_stop(uc);
@@ -1385,7 +1391,7 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		    (b[0] == 0xcc || b[0] == 0xce))
 			soft = true;
 		(void)rip;
-		if (deliver_event(v, vec, !soft && has_errcode(vec), 0, v->intr_rip)) {
+		if (deliver_event(v, vec, !soft && has_errcode(vec), soft ? 0 : v->intr_err, v->intr_rip)) {
 			*rc = exit_to(v, 8);
 			return 1;
 		}

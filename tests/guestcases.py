@@ -438,6 +438,13 @@ case("fetch-no-slot", "fetch_noslot", "real", [
      regs=(),
      why="a code fetch from a gpa without a slot cannot be emulated: INTERNAL_ERROR "
          "suberror 1 (spec 6.5 run-code-outside-memslots)")
+case("gp-np-error-codes", "gp_errcode", "long64", [
+         'IO out port=0x13 size=4 count=1 data=38120000',
+         'IO out port=0x13 size=4 count=1 data=20000000',
+         'HLT | rip=0x1063',
+     ],
+     why="64-bit #GP(0x1238) for a selector past the GDT limit and #NP(0x20) for a not-present "
+         "descriptor, delivered through the guest's IDT with their error codes pushed")
 case("triple-fault", "triple_fault", "long64", [
          'SHUTDOWN | rip=0x1000',
          'SHUTDOWN | rip=0x1000',
