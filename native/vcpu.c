@@ -345,29 +345,23 @@ static void paging_now(kvmfs_vcpu *v, struct kvmfs_paging *pg, int cpl)
 {
 	uint8_t *e = v->live_env;
 
-	/* Read straight from the CPU state when it was found: control registers,
-	 * EFER and the CPL (hflags) change only in helpers, so the copy in memory
-	 * is current even in the middle of a block, and no API call (MSR reads
-	 * run QEMU's rdmsr helper on the live registers) happens inside a fill. */
-	if (e) {
-		pg->cr0 = *(uint64_t *)(e + E_CR);
-		pg->cr3 = *(uint64_t *)(e + E_CR + 24);
-		pg->cr4 = *(uint64_t *)(e + E_CR + 32);
-		pg->efer = *(uint64_t *)(e + E_EFER);
-		pg->cpl = cpl < 0 ? (int)(*(uint32_t *)(e + E_HFLAGS) & 3) : cpl;
-		pg->as_id = 0;
-		return;
-	}
-	pg->cr0 = rreg(v, UC_X86_REG_CR0);
-	pg->cr3 = rreg(v, UC_X86_REG_CR3);
-	pg->cr4 = rreg(v, UC_X86_REG_CR4);
-	uc_x86_msr m = { 0xC0000080, 0 };
-	uc_reg_read(v->uc, UC_X86_REG_MSR, &m);
-	pg->efer = m.value;
-	if (cpl < 0)
-		cpl = (pg->cr0 & CR0_PE) ? (int)(rreg(v, UC_X86_REG_CS) & 3) : 0;
-	pg->cpl = cpl;
+	/* Read straight from the CPU state: control registers, EFER and the CPL
+	 * (hflags) change only in helpers, so the copy in memory is current even
+	 * in the middle of a block, and no API call (MSR reads run QEMU's rdmsr
+	 * helper on the live registers) happens inside a fill. */
+	pg->cr0 = *(uint64_t *)(e + E_CR);
+	pg->cr3 = *(uint64_t *)(e + E_CR + 24);
+	pg->cr4 = *(uint64_t *)(e + E_CR + 32);
+	pg->efer = *(uint64_t *)(e + E_EFER);
+	pg->cpl = cpl < 0 ? (int)(*(uint32_t *)(e + E_HFLAGS) & 3) : cpl;
 	pg->as_id = 0;
+}
+
+/* The linear address of RIP (CS base + RIP) in the current engine. */
+static uint64_t live_pc(kvmfs_vcpu *v)
+{
+	return ((struct segc *)(v->live_env + E_SEGS + 24 * R_CS))->base +
+	       *(uint64_t *)(v->live_env + E_RIP);
 }
 
 /* Copy to/from guest-linear memory as a supervisor access.  Returns 0, or the
@@ -467,6 +461,23 @@ static void code_page_drop(struct engine *e, uint64_t la)
 	uc_ctl_remove_cache(e->uc, la, la + 4096);
 }
 
+/* Before engine idx runs the instruction at la: drop its translations of the
+ * page(s) holding the instruction's 15 bytes if they changed since the engine
+ * last looked (or were not tracked). */
+static void code_at_refresh(kvmfs_vcpu *v, int idx, uint64_t la)
+{
+	struct kvmfs_paging pg;
+	struct kvmfs_xlate xl;
+
+	paging_now(v, &pg, -1);
+	for (uint64_t p = la & ~0xfffull; p <= ((la + 14) & ~0xfffull); p += 4096) {
+		kvmfs_mmu_translate(v->mmu, &pg, p, KVMFS_ACC_FETCH, &xl);
+		if (xl.kind == KVMFS_XL_OK && xl.uphys < v->uphys_end &&
+		    code_page_check(&v->eng[idx], xl.uphys, xl.host))
+			code_page_drop(&v->eng[idx], p);
+	}
+}
+
 static bool tlb_fill(uc_engine *uc, uint64_t va, uc_mem_type type, uc_tlb_entry *e, void *ud)
 {
 	kvmfs_vcpu *v = ud;
@@ -552,7 +563,7 @@ static void decode_io(kvmfs_vcpu *v, struct io_insn *ii)
 {
 	uint8_t *e = v->live_env, b[15];
 	uint32_t hf = *(uint32_t *)(e + E_HFLAGS);
-	uint64_t la = ((struct segc *)(e + E_SEGS + 24 * R_CS))->base + *(uint64_t *)(e + E_RIP);
+	uint64_t la = live_pc(v);
 	struct kvmfs_xlate xl;
 	bool a67 = false;
 
@@ -1217,15 +1228,8 @@ static uc_err slice(kvmfs_vcpu *v, int idx)
 	v->code_stale = false;
 	if (v->check_rip) {
 		/* the VMM may have rewritten the code KVM_RUN enters at */
-		struct kvmfs_paging pg;
-		struct kvmfs_xlate xl;
-		uint64_t la = ((struct segc *)(v->live_env + E_SEGS + 24 * R_CS))->base + rip;
 		v->check_rip = false;
-		paging_now(v, &pg, -1);
-		kvmfs_mmu_translate(v->mmu, &pg, la & ~0xfffull, KVMFS_ACC_FETCH, &xl);
-		if (xl.kind == KVMFS_XL_OK && xl.uphys < v->uphys_end &&
-		    code_page_check(&v->eng[idx], xl.uphys, xl.host))
-			code_page_drop(&v->eng[idx], la);
+		code_at_refresh(v, idx, live_pc(v));
 	}
 	if (idx == ENG_STEP)
 		uc_set_tcg_parallel(v->uc, !v->no_atomics && !v->mmio_step);
@@ -1242,19 +1246,16 @@ static uc_err slice(kvmfs_vcpu *v, int idx)
 
 /*
  * Execute n instructions (n iterations of a REP instruction) on the step
- * engine; returns the uc_err.  Its translations of the code at RIP are
- * dropped first: code written since by the fast engine, another vCPU or the
- * VMM would not be seen otherwise (each engine only watches its own writes).
+ * engine; returns the uc_err.  The code at RIP is checked first: written since
+ * by the fast engine, another vCPU or the VMM, it would not be seen otherwise
+ * (each engine only watches its own writes).
  */
 static uc_err step_n(kvmfs_vcpu *v, int n)
 {
 	uc_err e;
-	uint64_t la;
 
 	use_engine(v, ENG_STEP);
-	la = ((struct segc *)(v->live_env + E_SEGS + 24 * R_CS))->base +
-	     *(uint64_t *)(v->live_env + E_RIP);
-	uc_ctl_remove_cache(v->uc, la, la + 16);
+	code_at_refresh(v, ENG_STEP, live_pc(v));
 	__atomic_or_fetch(&v->attn, ATTN_STEP, __ATOMIC_SEQ_CST);
 	v->step_left = n;
 	e = slice(v, ENG_STEP);
