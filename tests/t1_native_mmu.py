@@ -6,6 +6,7 @@ protection (spec 8), zaps, the remote-flush protocol and aging.  Guest memory
 is an anonymous mmap registered as host memory at its own address (the test
 plays both the VMM and the daemon).
 """
+import contextlib
 import errno
 import mmap
 import os
@@ -726,6 +727,19 @@ class FakeVcpu:
         self.kicks += 1
         self.kicked.set()         # like uc_emu_stop: only stops the emulator
 
+    @contextlib.contextmanager
+    def running(self, target=None):
+        """Its thread (run, or target) inside the guest for the with-block; stopped after."""
+        t = threading.Thread(target=target or self.run)
+        t.start()
+        try:
+            while not self.client.in_guest:
+                time.sleep(0.001)
+            yield
+        finally:
+            self.stop = True
+            t.join()
+
     def run(self):
         lib.kvmfs_mmu_enter(self.mmu, self.client)
         while not self.stop:
@@ -744,11 +758,7 @@ def test_flush_waits_for_ack(mmu):
     v = FakeVcpu(mmu)
     lib.kvmfs_mmu_attach(mmu, v.client)
     assert v.client.attached == 1
-    t = threading.Thread(target=v.run)
-    t.start()
-    try:
-        while not v.client.in_guest:
-            time.sleep(0.001)
+    with v.running():
         assert xl(mmu, 0, WRITE).kind == lib.KVMFS_XL_OK
         g0 = lib.kvmfs_mmu_flush_gen(mmu)
         t0 = time.perf_counter()
@@ -767,9 +777,6 @@ def test_flush_waits_for_ack(mmu):
         xl(mmu, 0, WRITE)
         assert dirty(mmu, 0, 4) == 1 and v.client.acked_gen == g0 + 3
         assert dirty(mmu, 0, 4) == 0 and lib.kvmfs_mmu_flush_gen(mmu) == g0 + 3
-    finally:
-        v.stop = True
-        t.join()
     # out of the guest: no kick, no wait
     kicks = v.kicks
     assert v.client.in_guest == 0
@@ -798,16 +805,9 @@ def test_flush_rekicks_lost_kick(mmu):
     v._cb = ffi.callback("void(void *)", lossy)
     v.client.kick = v._cb
     lib.kvmfs_mmu_attach(mmu, v.client)
-    t = threading.Thread(target=v.run)
-    t.start()
-    try:
-        while not v.client.in_guest:
-            time.sleep(0.001)
+    with v.running():
         assert mset(mmu, 0, 0, 0, 0) == lib.KVMFS_MR_DELETE
         assert lost and v.kicks >= 1 and v.client.acked_gen == lib.kvmfs_mmu_flush_gen(mmu)
-    finally:
-        v.stop = True
-        t.join()
     lib.kvmfs_mmu_detach(mmu, v.client)
 
 
@@ -829,17 +829,10 @@ def test_flush_lets_vcpu_fill_while_waiting(mmu):
         lib.kvmfs_mmu_leave(mmu, v.client)
 
     lib.kvmfs_mmu_attach(mmu, v.client)
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        while not v.client.in_guest:
-            time.sleep(0.001)
+    with v.running(run):
         xl(mmu, 0, WRITE)
         assert mset(mmu, 0, 0, 0, 0) == lib.KVMFS_MR_DELETE
         assert filled == [lib.KVMFS_XL_OK]
-    finally:
-        v.stop = True
-        t.join()
     lib.kvmfs_mmu_detach(mmu, v.client)
 
 
@@ -913,17 +906,10 @@ def test_young(mmu):
     assert lib.kvmfs_mmu_test_young(mmu, 1, 0, 16) == 0
     v = FakeVcpu(mmu, delay=0)
     lib.kvmfs_mmu_attach(mmu, v.client)
-    t = threading.Thread(target=v.run)
-    t.start()
-    try:
-        while not v.client.in_guest:
-            time.sleep(0.001)
+    with v.running():
         g = lib.kvmfs_mmu_flush_gen(mmu)
         assert lib.kvmfs_mmu_clear_young(mmu, 0, 2, 7) == 2     # pages 2 and 8
         assert v.kicks >= 1 and v.client.acked_gen == g + 1    # the cleared pages left the TLBs
-    finally:
-        v.stop = True
-        t.join()
     lib.kvmfs_mmu_detach(mmu, v.client)
     assert lib.kvmfs_mmu_test_young(mmu, 0, 0, 16) == 2
     sp = sptes(mmu)
