@@ -373,19 +373,25 @@ static void bench_compute(enum mode m, long iters, int reps, int mem)
 	(void)data;
 }
 
+/* touch and dirtylog: a vCPU whose guest writes one byte per page of an MIB data slot */
+static void touch_open(const char *what, enum mode m, size_t size, struct vm *v, struct cpu *c)
+{
+	if (m == M_REAL || size > DATA_MAX) {
+		fprintf(stderr, "%s needs long or user mode and MIB <= 1024\n", what);
+		exit(2);
+	}
+	vm_open(v, m);
+	code_touch(v->low + CODE_GPA, size >> 12);
+	cpu_open(v, c, 0);
+}
+
 static void bench_touch(enum mode m, long mib, int reps)
 {
 	struct vm v;
 	struct cpu c;
 	size_t size = (size_t)mib << 20, npages = size >> 12, words = (npages + 63) / 64;
 	uint64_t *bitmap = calloc(words, 8);
-	if (m == M_REAL || size > DATA_MAX) {
-		fprintf(stderr, "touch needs long or user mode and MIB <= 1024\n");
-		exit(2);
-	}
-	vm_open(&v, m);
-	code_touch(v.low + CODE_GPA, npages);
-	cpu_open(&v, &c, 0);
+	touch_open("touch", m, size, &v, &c);
 	for (int r = 0; r < reps; r++) {
 		uint8_t *mem = data_slot(&v, size, KVM_MEM_LOG_DIRTY_PAGES);
 		double t0 = now_ns();
@@ -413,13 +419,7 @@ static void bench_dirtylog(enum mode m, long mib, int reps)
 	struct cpu c;
 	size_t size = (size_t)mib << 20, npages = size >> 12, words = (npages + 63) / 64;
 	uint64_t *bitmap = calloc(words, 8);
-	if (m == M_REAL || size > DATA_MAX) {
-		fprintf(stderr, "dirtylog needs long or user mode and MIB <= 1024\n");
-		exit(2);
-	}
-	vm_open(&v, m);
-	code_touch(v.low + CODE_GPA, npages);
-	cpu_open(&v, &c, 0);
+	touch_open("dirtylog", m, size, &v, &c);
 	data_slot(&v, size, KVM_MEM_LOG_DIRTY_PAGES);
 	run_io(&c);                                             /* map every page */
 	get_log(&v, bitmap, words, NULL);
