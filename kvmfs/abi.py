@@ -167,6 +167,40 @@ class kvm_guest_debug(Struct):
                 ("debugreg", ctypes.c_uint64 * 8)]
 
 
+class _events_exception(Struct):
+    _fields_ = [("injected", ctypes.c_uint8), ("nr", ctypes.c_uint8),
+                ("has_error_code", ctypes.c_uint8), ("pending", ctypes.c_uint8),
+                ("error_code", ctypes.c_uint32)]
+
+
+class _events_interrupt(Struct):
+    _fields_ = [(n, ctypes.c_uint8) for n in ("injected", "nr", "soft", "shadow")]
+
+
+class _events_nmi(Struct):
+    _fields_ = [(n, ctypes.c_uint8) for n in ("injected", "pending", "masked", "pad")]
+
+
+class _events_smi(Struct):
+    _fields_ = [(n, ctypes.c_uint8) for n in ("smm", "pending", "smm_inside_nmi", "latched_init")]
+
+
+class kvm_vcpu_events(Struct):
+    _fields_ = [("exception", _events_exception), ("interrupt", _events_interrupt),
+                ("nmi", _events_nmi), ("sipi_vector", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("smi", _events_smi), ("triple_fault", ctypes.c_uint8),
+                ("reserved", ctypes.c_uint8 * 26), ("exception_has_payload", ctypes.c_uint8),
+                ("exception_payload", ctypes.c_uint64)]
+
+
+KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
+KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
+KVM_VCPUEVENT_VALID_SHADOW = 0x4
+KVM_VCPUEVENT_VALID_SMM = 0x8
+KVM_RUN_X86_SMM = 0x1
+MSR_IA32_SMBASE = 0x9E
+
+
 class kvm_irqfd(Struct):
     _fields_ = [("fd", ctypes.c_uint32), ("gsi", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("resamplefd", ctypes.c_uint32), ("pad", ctypes.c_uint8 * 16)]
@@ -197,7 +231,7 @@ STRUCT_SIZES = {  # spec/kvm-abi.md section 5; tests/t0_abi.py asserts them
     kvm_segment: 24, kvm_dtable: 16, kvm_sregs: 312, kvm_fpu: 416,
     kvm_interrupt: 4, kvm_msrs: 8, kvm_msr_entry: 16, kvm_cpuid2: 8,
     kvm_cpuid_entry2: 40, kvm_guest_debug: 72, kvm_irqfd: 32, kvm_ioeventfd: 64,
-    kvm_irq_routing: 8,
+    kvm_irq_routing: 8, kvm_vcpu_events: 64,
 }
 
 # --- the ioctl table: name -> number ----------------------------------------------
@@ -239,6 +273,8 @@ KVM_GET_CPUID2 = IOWR(0x91, kvm_cpuid2)
 KVM_GET_MP_STATE = IOR(0x98, kvm_mp_state)
 KVM_SET_MP_STATE = IOW(0x99, kvm_mp_state)
 KVM_SET_GUEST_DEBUG = IOW(0x9B, kvm_guest_debug)
+KVM_GET_VCPU_EVENTS = IOR(0x9F, kvm_vcpu_events)
+KVM_SET_VCPU_EVENTS = IOW(0xA0, kvm_vcpu_events)
 KVM_SMI = IO(0xB7)
 
 IOCTL_NAMES = {v: k for k, v in list(globals().items())
@@ -272,6 +308,7 @@ KVM_CAP_IRQFD = 32
 KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_INTERNAL_ERROR_DATA = 40
+KVM_CAP_VCPU_EVENTS = 41
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_SYNC_REGS = 74
 KVM_CAP_READONLY_MEM = 81
@@ -320,12 +357,13 @@ CAPS = {
     KVM_CAP_IOEVENTFD: 0,
     KVM_CAP_SET_IDENTITY_MAP_ADDR: 1,
     KVM_CAP_INTERNAL_ERROR_DATA: 1,  # internal.ndata/data filled
+    KVM_CAP_VCPU_EVENTS: 1,          # exception, interrupt, shadow and SMI state (no NMIs)
     KVM_CAP_MAX_VCPUS: KVM_MAX_VCPUS,
     KVM_CAP_SYNC_REGS: 0,
     KVM_CAP_READONLY_MEM: 1,
     KVM_CAP_ENABLE_CAP_VM: 1,
     KVM_CAP_CHECK_EXTENSION_VM: 1,
-    KVM_CAP_X86_SMM: 0,
+    KVM_CAP_X86_SMM: 1,              # KVM_SMI, SMRAM state save, RSM, address space 1
     KVM_CAP_MULTI_ADDRESS_SPACE: KVM_ADDRESS_SPACE_NUM,
     KVM_CAP_SPLIT_IRQCHIP: 0,
     KVM_CAP_MAX_VCPU_ID: KVM_MAX_VCPU_ID,

@@ -255,6 +255,17 @@ class Vcpu:
     def set_guest_debug(self, control):
         return ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, abi.kvm_guest_debug(control))
 
+    def smi(self):
+        return ioctl(self.fd, abi.KVM_SMI)
+
+    def get_vcpu_events(self):
+        ev = abi.kvm_vcpu_events()
+        ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, ev)
+        return ev
+
+    def set_vcpu_events(self, events):
+        return ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events)
+
 
 def _msr_buffer(indices, values=None):
     class msrs(ctypes.Structure):

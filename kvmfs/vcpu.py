@@ -86,6 +86,11 @@ class Vcpu:
         v = self._engine("KVM_RUN")
         while True:
             rc = lib.kvmfs_vcpu_run(v)
+            if rc == lib.KVMFS_RUN_VM_DEAD:
+                where = lib.kvmfs_vcpu_miss_hva(v)
+                self.vm.kill(f"vcpu{self.id}: SMI state save at gpa 0x{where:x} has no writable "
+                             "memslot in address space 1")
+                raise KvmError(errno.EIO, "KVM_RUN", "the VM is dead", warn=False)
             if rc != lib.KVMFS_RUN_NEED_HVA:
                 return ensure(rc, "KVM_RUN", warn=rc not in (-errno.EINTR,))
             try:
@@ -169,9 +174,21 @@ class Vcpu:
         return 0
 
     def smi(self, ctx, arg, data):
-        """KVM_SMI (vcpu): queue a system-management interrupt."""
+        """KVM_SMI (vcpu): queue a system-management interrupt, taken by the next
+        KVM_RUN (or right after RSM when the vCPU is in SMM)."""
         ensure(lib.kvmfs_vcpu_smi(self._engine("KVM_SMI")), "KVM_SMI")
         return 0
+
+    def get_vcpu_events(self, ctx, arg, data):
+        """KVM_GET_VCPU_EVENTS (vcpu): queued exception and interrupt, shadow, SMM state."""
+        return self._state("struct kvm_vcpu_events", lib.kvmfs_vcpu_get_events,
+                           "KVM_GET_VCPU_EVENTS", data)
+
+    def set_vcpu_events(self, ctx, arg, data):
+        """KVM_SET_VCPU_EVENTS (vcpu): EINVAL for unknown flags, an exception vector
+        above 31 or NMI, and for NMIs (not modelled)."""
+        return self._state("struct kvm_vcpu_events", lib.kvmfs_vcpu_set_events,
+                           "KVM_SET_VCPU_EVENTS", data)
 
     IOCTLS = {
         abi.KVM_RUN: run_ioctl,
@@ -187,6 +204,8 @@ class Vcpu:
         abi.KVM_SET_CPUID2: set_cpuid2,
         abi.KVM_SET_GUEST_DEBUG: set_guest_debug,
         abi.KVM_SMI: smi,
+        abi.KVM_GET_VCPU_EVENTS: get_vcpu_events,
+        abi.KVM_SET_VCPU_EVENTS: set_vcpu_events,
     }
     IOCTLS = {cmd: _serialized(fn) for cmd, fn in IOCTLS.items()}
 

@@ -115,6 +115,8 @@ def vcpu_state(v):
         return out
     regs = ffi.new("struct kvm_regs *")
     sregs = ffi.new("struct kvm_sregs *")
+    events = ffi.new("struct kvm_vcpu_events *")
+    smbase = ffi.new("struct kvm_msr_entry *", {"index": abi.MSR_IA32_SMBASE})
     if not v.lock.acquire(blocking=False):     # in KVM_RUN: registers are the guest's, moving
         out["state"] = "running"
         out["runs"] = st.runs
@@ -122,6 +124,8 @@ def vcpu_state(v):
     try:
         lib.kvmfs_vcpu_get_regs(v.native, regs)
         lib.kvmfs_vcpu_get_sregs(v.native, sregs)
+        lib.kvmfs_vcpu_get_events(v.native, events)
+        lib.kvmfs_vcpu_get_msrs(v.native, smbase, 1)
     finally:
         v.lock.release()
     for name in abi.kvm_regs._fields_:
@@ -130,6 +134,9 @@ def vcpu_state(v):
         out[name] = getattr(sregs, name)
     out["cs"] = sregs.cs.selector
     out["mode"] = cpu_mode(sregs)
+    out["smm"] = "yes" if events.smi.smm else "no"
+    out["smi_pending"] = "yes" if events.smi.pending else "no"
+    out["smbase"] = smbase.data
     out["runs"] = st.runs
     out["last_exit"] = abi.EXIT_REASONS.get(st.last_exit_reason, str(st.last_exit_reason))
     out["exits"] = {abi.EXIT_REASONS.get(i, str(i)): st.exits[i] for i in range(64) if st.exits[i]}

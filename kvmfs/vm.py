@@ -43,6 +43,7 @@ class Vm:
         self.refs = 0
         self.opened = False
         self.dead = False
+        self.killed = None            # why KVM would have killed the VM (kvm_vm_dead)
         self.tss_addr = None
         self.identity_map_addr = 0xFFFBC000
         self.manual_protect = 0
@@ -84,6 +85,13 @@ class Vm:
                 raise KvmError(errno.EIO, "ioctl", f"vm{self.id} belongs to pid {self.owner_pid}, not {tgid}")
         if self.dead:
             raise KvmError(errno.EIO, "ioctl", f"vm{self.id} is dead")
+        if self.killed:
+            raise KvmError(errno.EIO, "ioctl", f"vm{self.id} was killed: {self.killed}", warn=False)
+
+    def kill(self, why):
+        """As KVM's kvm_vm_dead(): every VM and vCPU ioctl answers EIO from now on."""
+        log.warning("vm%d killed: %s", self.id, why)
+        self.killed = why
 
     # --- VM ioctls --------------------------------------------------------------------
     def check_extension(self, ctx, arg, data):

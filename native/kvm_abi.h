@@ -69,6 +69,42 @@ struct kvm_cpuid_entry2 {
 	uint32_t padding[3];
 };
 
+struct kvm_vcpu_events {
+	struct {
+		uint8_t injected;
+		uint8_t nr;
+		uint8_t has_error_code;
+		uint8_t pending;
+		uint32_t error_code;
+	} exception;
+	struct {
+		uint8_t injected;
+		uint8_t nr;
+		uint8_t soft;
+		uint8_t shadow;
+	} interrupt;
+	struct {
+		uint8_t injected;
+		uint8_t pending;
+		uint8_t masked;
+		uint8_t pad;
+	} nmi;
+	uint32_t sipi_vector;
+	uint32_t flags;
+	struct {
+		uint8_t smm;
+		uint8_t pending;
+		uint8_t smm_inside_nmi;
+		uint8_t latched_init;
+	} smi;
+	struct {
+		uint8_t pending;
+	} triple_fault;
+	uint8_t reserved[26];
+	uint8_t exception_has_payload;
+	uint64_t exception_payload;
+};
+
 struct kvm_run_io {
 	uint8_t direction;
 	uint8_t size;

@@ -217,8 +217,9 @@ kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run *run);
 void kvmfs_vcpu_free(kvmfs_vcpu *v);
 
 #define KVMFS_RUN_NEED_HVA 1  /* resolve kvmfs_vcpu_miss_hva(), register it, call again */
+#define KVMFS_RUN_VM_DEAD 2   /* the SMRAM state save had nowhere to go: KVM kills the VM */
 /* KVM_RUN: 0 with run->exit_reason set, -errno (-EINTR, -EFAULT, -EINVAL), or
- * KVMFS_RUN_NEED_HVA. */
+ * KVMFS_RUN_NEED_HVA / KVMFS_RUN_VM_DEAD. */
 int kvmfs_vcpu_run(kvmfs_vcpu *v);
 uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v);
 /* From any thread or a signal handler: end the current or next KVM_RUN with
@@ -243,13 +244,32 @@ int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 *e, uint32
 int kvmfs_supported_cpuid(struct kvm_cpuid_entry2 *out, uint32_t max);
 int kvmfs_vcpu_interrupt(kvmfs_vcpu *v, uint32_t irq);
 int kvmfs_vcpu_smi(kvmfs_vcpu *v);
+/* KVM_GET/SET_VCPU_EVENTS: 0 or -EINVAL (flags or values KVM refuses). */
+int kvmfs_vcpu_get_events(kvmfs_vcpu *v, struct kvm_vcpu_events *out);
+int kvmfs_vcpu_set_events(kvmfs_vcpu *v, const struct kvm_vcpu_events *in);
 int kvmfs_vcpu_set_guest_debug(kvmfs_vcpu *v, uint32_t control);
+
+/* ------------------------------------------------------------------ smm.c --
+ * The SMRAM state-save map (512 bytes at SMBASE + 0xFE00), in KVM's 64-bit
+ * layout (lm: the guest's CPUID has long mode) or its 32-bit one.
+ */
+#define KVMFS_SMRAM_MAP_SIZE 512
+struct kvmfs_smm_state {
+	struct kvm_regs regs;
+	struct kvm_sregs sregs;
+	uint64_t dr6, dr7;
+	uint32_t smbase;
+	uint8_t int_shadow;
+};
+void kvmfs_smram_save(uint8_t *map, const struct kvmfs_smm_state *st, int lm);
+void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, int lm);
 
 struct kvmfs_vcpu_stats {
 	uint64_t runs;
 	uint64_t exits[64];       /* by KVM_EXIT_* reason */
 	uint64_t last_exit_reason;
 	uint64_t insns_hint;      /* guest instructions, when counted */
+	uint64_t smis;            /* SMM entries */
 };
 void kvmfs_vcpu_get_stats(kvmfs_vcpu *v, struct kvmfs_vcpu_stats *out);
 

@@ -214,6 +214,11 @@ struct kvmfs_vcpu {
 	/* events */
 	bool irq_pending;
 	uint32_t irq;
+	bool exc_pending;                 /* injected by KVM_SET_VCPU_EVENTS */
+	uint8_t exc_nr, exc_has_err;
+	uint32_t exc_err;
+	bool smi_pending, in_smm, smm_inside_nmi;
+	uint32_t smbase;
 	bool shutdown;
 	bool shadow;                      /* interrupt shadow after STI seen by the watch */
 	uint32_t debug_ctl;
@@ -354,7 +359,7 @@ static void paging_now(kvmfs_vcpu *v, struct kvmfs_paging *pg, int cpl)
 	pg->cr4 = *(uint64_t *)(e + E_CR + 32);
 	pg->efer = *(uint64_t *)(e + E_EFER);
 	pg->cpl = cpl < 0 ? (int)(*(uint32_t *)(e + E_HFLAGS) & 3) : cpl;
-	pg->as_id = 0;
+	pg->as_id = v->in_smm;            /* SMM sees address space 1 */
 }
 
 /* The linear address of RIP (CS base + RIP) in the current engine. */
@@ -364,20 +369,18 @@ static uint64_t live_pc(kvmfs_vcpu *v)
 	       *(uint64_t *)(v->live_env + E_RIP);
 }
 
-/* Copy to/from guest-linear memory as a supervisor access.  Returns 0, or the
- * KVMFS_XL_* kind that stopped it (xl filled). */
-static int gmem(kvmfs_vcpu *v, uint64_t la, void *buf, uint32_t len, bool write,
-		struct kvmfs_xlate *xl)
+/* Copy to/from memory through the translation pg describes.  Returns 0, or
+ * the KVMFS_XL_* kind that stopped it (xl filled). */
+static int copy_guest(kvmfs_vcpu *v, const struct kvmfs_paging *pg, uint64_t la, void *buf,
+		      uint32_t len, bool write, struct kvmfs_xlate *xl)
 {
-	struct kvmfs_paging pg;
 	uint8_t *p = buf;
 
-	paging_now(v, &pg, 0);
 	while (len) {
 		uint32_t off = la & 0xfff, n = 4096 - off;
 		if (n > len)
 			n = len;
-		kvmfs_mmu_translate(v->mmu, &pg, la & ~0xfffull,
+		kvmfs_mmu_translate(v->mmu, pg, la & ~0xfffull,
 				    write ? KVMFS_ACC_WRITE : KVMFS_ACC_READ, xl);
 		if (xl->kind != KVMFS_XL_OK)
 			return xl->kind ? xl->kind : -1;
@@ -390,6 +393,26 @@ static int gmem(kvmfs_vcpu *v, uint64_t la, void *buf, uint32_t len, bool write,
 		len -= n;
 	}
 	return 0;
+}
+
+/* Guest-linear memory, as a supervisor access in the current mode. */
+static int gmem(kvmfs_vcpu *v, uint64_t la, void *buf, uint32_t len, bool write,
+		struct kvmfs_xlate *xl)
+{
+	struct kvmfs_paging pg;
+
+	paging_now(v, &pg, 0);
+	return copy_guest(v, &pg, la, buf, len, write, xl);
+}
+
+/* Guest-physical memory of address space as_id, as KVM's kvm_vcpu_read/
+ * write_guest: writes are dirty-logged and a READONLY slot refuses them. */
+static int gphys(kvmfs_vcpu *v, uint32_t as_id, uint64_t gpa, void *buf, uint32_t len,
+		 bool write, struct kvmfs_xlate *xl)
+{
+	struct kvmfs_paging pg = { .as_id = as_id };   /* CR0.PG clear: no walk */
+
+	return copy_guest(v, &pg, gpa, buf, len, write, xl);
 }
 
 /* ------------------------------------------------------------ host ranges -- */
@@ -1032,6 +1055,121 @@ static int deliver_event(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, u
 
 static void set_cr2(kvmfs_vcpu *v, uint64_t va) { wreg(v, UC_X86_REG_CR2, va); }
 
+/* ------------------------------------------------------------------ SMM -- */
+
+/* KVM picks the state-save layout by the guest's CPUID: long mode or not. */
+static bool guest_has_lm(kvmfs_vcpu *v)
+{
+	const struct kvm_cpuid_entry2 *e = cpuid_find(v, 0x80000001, 0);
+	return e && (e->edx & (1u << 29));
+}
+
+static void smm_state_now(kvmfs_vcpu *v, struct kvmfs_smm_state *st)
+{
+	memset(st, 0, sizeof(*st));
+	kvmfs_vcpu_get_regs(v, &st->regs);
+	kvmfs_vcpu_get_sregs(v, &st->sregs);
+	st->dr6 = rreg(v, UC_X86_REG_DR6);
+	st->dr7 = rreg(v, UC_X86_REG_DR7);
+	st->smbase = v->smbase;
+	st->int_shadow = 0;               /* the shadow is not tracked across exits */
+}
+
+/*
+ * Take a pending SMI (KVM's enter_smm): save the state to SMRAM in address
+ * space 1, then start the handler at SMBASE:0x8000 in big real mode.  The map
+ * is written before anything changes, so a NEED_HVA retry starts over.  A map
+ * with nowhere to go kills the VM, as in KVM.
+ */
+static int enter_smm(kvmfs_vcpu *v)
+{
+	struct kvmfs_smm_state st;
+	uint8_t map[KVMFS_SMRAM_MAP_SIZE];
+	struct kvmfs_xlate xl;
+	bool lm = guest_has_lm(v);
+
+	smm_state_now(v, &st);
+	kvmfs_smram_save(map, &st, lm);
+	int k = gphys(v, 1, (uint64_t)v->smbase + 0xfe00, map, sizeof map, true, &xl);
+	if (k == KVMFS_XL_NEED_HVA) {
+		v->miss_hva = xl.hva;
+		return KVMFS_RUN_NEED_HVA;
+	}
+	if (k) {
+		v->miss_hva = (uint64_t)v->smbase + 0xfe00;   /* reported by the caller */
+		return KVMFS_RUN_VM_DEAD;
+	}
+	v->smi_pending = false;
+	v->in_smm = true;
+	v->stats.smis++;
+
+	struct kvm_regs *r = &st.regs;
+	struct kvm_sregs *s = &st.sregs;
+	r->rflags = 2;
+	r->rip = 0x8000;
+	s->cr0 &= ~(CR0_PE | (1ull << 2) | (1ull << 3) | CR0_PG);   /* PE EM TS PG */
+	s->cr4 = 0;
+	s->idt.base = 0;
+	s->idt.limit = 0;                 /* undocumented, as KVM */
+	struct kvm_segment data = { .base = 0, .limit = 0xffffffff, .selector = 0, .type = 3,
+				    .present = 1, .s = 1, .g = 1 };
+	s->ds = s->es = s->fs = s->gs = s->ss = data;
+	s->cs = data;
+	s->cs.selector = (v->smbase >> 4) & 0xffff;
+	s->cs.base = v->smbase;
+	s->efer = lm ? 0 : s->efer & ~(EFER_LME | EFER_LMA);
+	kvmfs_vcpu_set_sregs(v, s);
+	kvmfs_vcpu_set_regs(v, r);
+	wreg(v, UC_X86_REG_DR7, 0x400);
+	return 0;
+}
+
+/*
+ * RSM (KVM's emulator_leave_smm), reached as the #UD unicorn raises for RSM
+ * outside its own SMM.  Returns 0, KVMFS_RUN_NEED_HVA (nothing changed; RSM
+ * runs again), or 1 when the state cannot be entered: KVM then triple-faults.
+ */
+static int leave_smm(kvmfs_vcpu *v)
+{
+	struct kvmfs_smm_state st;
+	uint8_t map[KVMFS_SMRAM_MAP_SIZE];
+	struct kvmfs_xlate xl;
+	bool lm = guest_has_lm(v);
+
+	int k = gphys(v, 1, (uint64_t)v->smbase + 0xfe00, map, sizeof map, false, &xl);
+	if (k == KVMFS_XL_NEED_HVA) {
+		v->miss_hva = xl.hva;
+		return KVMFS_RUN_NEED_HVA;
+	}
+	v->in_smm = false;
+	v->smm_inside_nmi = false;
+	if (k)
+		return 1;
+	smm_state_now(v, &st);            /* what the map does not hold stays */
+	kvmfs_smram_load(map, &st, lm);
+	struct kvm_sregs *s = &st.sregs;
+	if (lm) {
+		s->efer &= ~EFER_LMA;
+		if ((s->efer & EFER_LME) && (s->cr0 & CR0_PG))
+			s->efer |= EFER_LMA;
+	}
+	v->smbase = st.smbase;
+	if (kvmfs_vcpu_set_sregs(v, s))
+		return 1;
+	kvmfs_vcpu_set_regs(v, &st.regs);
+	wreg(v, UC_X86_REG_DR6, st.dr6);
+	wreg(v, UC_X86_REG_DR7, st.dr7);
+	return 0;
+}
+
+/* Is the instruction at RIP an RSM (0F AA)? */
+static bool at_rsm(kvmfs_vcpu *v)
+{
+	uint8_t b[2] = { 0, 0 };
+	struct kvmfs_xlate xl;
+	return !gmem(v, live_pc(v), b, 2, false, &xl) && b[0] == 0x0f && b[1] == 0xaa;
+}
+
 /* ------------------------------------------------------------- lifecycle -- */
 
 static void reset_state(kvmfs_vcpu *v)
@@ -1125,6 +1263,7 @@ KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run
 	v->cur = ENG_FAST;
 	use_engine(v, ENG_FAST);
 	v->apic_base = 0xfee00900;
+	v->smbase = 0x30000;
 	reset_state(v);
 	if (run) {
 		run->apic_base = v->apic_base;
@@ -1197,7 +1336,7 @@ static void fill_run_flags(kvmfs_vcpu *v)
 					     !(v->why == WHY_STEP && v->shadow);
 	run->cr8 = v->cr8;
 	run->apic_base = v->apic_base;
-	run->flags = 0;
+	run->flags = v->in_smm ? 1 : 0;   /* KVM_RUN_X86_SMM */
 }
 
 static int exit_to(kvmfs_vcpu *v, uint32_t reason)
@@ -1442,6 +1581,19 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		break;
 	}
 	if (e == UC_ERR_INSN_INVALID) {
+		if (v->in_smm && at_rsm(v)) {
+			int r = leave_smm(v);
+			if (r == KVMFS_RUN_NEED_HVA) {
+				*rc = r;
+				return 1;
+			}
+			if (r) {
+				v->shutdown = true;   /* a state RSM cannot enter: triple fault */
+				*rc = exit_to(v, 8);
+				return 1;
+			}
+			return 0;
+		}
 		if (deliver_event(v, 6, false, 0, rreg(v, UC_X86_REG_RIP))) {
 			*rc = exit_to(v, 8);
 			return 1;
@@ -1551,6 +1703,18 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 				rc = exit_to(v, 8);
 				goto out;
 			}
+		}
+		if (v->exc_pending) {
+			v->exc_pending = false;
+			if (deliver_event(v, v->exc_nr, v->exc_has_err, v->exc_err,
+					  rreg(v, UC_X86_REG_RIP))) {
+				rc = exit_to(v, 8);
+				goto out;
+			}
+		}
+		if (v->smi_pending && !v->in_smm) {
+			if ((rc = enter_smm(v)))
+				goto out;
 		}
 		if (run->request_interrupt_window && !v->irq_pending && can_inject(v)) {
 			rc = exit_to(v, 7);
@@ -1745,6 +1909,7 @@ static bool msr_known(uint32_t idx)
 	case 0x10: case 0x1b: case 0x174: case 0x175: case 0x176: case 0x277:
 	case 0xc0000080: case 0xc0000081: case 0xc0000082: case 0xc0000083:
 	case 0xc0000084: case 0xc0000100: case 0xc0000101: case 0xc0000102:
+	case 0x9e:                        /* MSR_IA32_SMBASE: host accesses only */
 		return true;
 	}
 	return false;
@@ -1757,6 +1922,8 @@ KVMFS_API int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32
 			return i;
 		if (e[i].index == 0x1b) {
 			e[i].data = v->apic_base;
+		} else if (e[i].index == 0x9e) {
+			e[i].data = v->smbase;
 		} else if (e[i].index == 0xc0000080) {
 			env_load(v);
 			e[i].data = ENV64(v, E_EFER);
@@ -1777,6 +1944,8 @@ KVMFS_API int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, 
 			return i;
 		if (e[i].index == 0x1b) {
 			v->apic_base = e[i].data;
+		} else if (e[i].index == 0x9e) {
+			v->smbase = e[i].data;
 		} else if (e[i].index == 0xc0000080) {
 			env_load(v);
 			ENV64(v, E_EFER) = e[i].data;
@@ -1841,7 +2010,74 @@ KVMFS_API int kvmfs_vcpu_interrupt(kvmfs_vcpu *v, uint32_t irq)
 
 KVMFS_API int kvmfs_vcpu_smi(kvmfs_vcpu *v)
 {
-	return -ENOSYS;
+	v->smi_pending = true;            /* taken at the next KVM_RUN, or after RSM */
+	return 0;
+}
+
+#define EV_VALID_NMI_PENDING 1u
+#define EV_VALID_SIPI_VECTOR 2u
+#define EV_VALID_SHADOW 4u
+#define EV_VALID_SMM 8u
+#define EV_VALID_PAYLOAD 16u
+#define EV_VALID_TRIPLE_FAULT 32u
+
+KVMFS_API int kvmfs_vcpu_get_events(kvmfs_vcpu *v, struct kvm_vcpu_events *out)
+{
+	memset(out, 0, sizeof(*out));
+	if (v->exc_pending) {
+		out->exception.injected = 1;
+		out->exception.nr = v->exc_nr;
+		out->exception.has_error_code = v->exc_has_err;
+		out->exception.error_code = v->exc_err;
+	}
+	out->interrupt.injected = v->irq_pending;
+	out->interrupt.nr = v->irq_pending ? v->irq : 0;
+	env_load(v);
+	out->interrupt.shadow = (ENV32(v, E_HFLAGS) & HF_INHIBIT_IRQ) ? 1 : 0;   /* STI */
+	out->smi.smm = v->in_smm;
+	out->smi.pending = v->smi_pending;
+	out->smi.smm_inside_nmi = v->smm_inside_nmi;
+	out->flags = EV_VALID_NMI_PENDING | EV_VALID_SHADOW | EV_VALID_SMM;
+	return 0;
+}
+
+/* As KVM's kvm_vcpu_ioctl_x86_set_vcpu_events without an in-kernel LAPIC, with
+ * exception payloads and triple-fault events not enabled.  NMIs are not
+ * modelled: a pending or injected NMI is refused (EINVAL). */
+KVMFS_API int kvmfs_vcpu_set_events(kvmfs_vcpu *v, const struct kvm_vcpu_events *in)
+{
+	if (in->flags & ~(EV_VALID_NMI_PENDING | EV_VALID_SIPI_VECTOR | EV_VALID_SHADOW |
+			  EV_VALID_SMM | EV_VALID_PAYLOAD | EV_VALID_TRIPLE_FAULT))
+		return -EINVAL;
+	if (in->flags & (EV_VALID_PAYLOAD | EV_VALID_TRIPLE_FAULT))
+		return -EINVAL;           /* their capabilities are not enabled */
+	if (in->exception.injected && (in->exception.nr > 31 || in->exception.nr == 2))
+		return -EINVAL;
+	if (in->nmi.injected || ((in->flags & EV_VALID_NMI_PENDING) && in->nmi.pending))
+		return -EINVAL;
+
+	v->exc_pending = in->exception.injected;
+	v->exc_nr = in->exception.nr;
+	v->exc_has_err = in->exception.has_error_code;
+	v->exc_err = in->exception.error_code;
+	v->irq_pending = in->interrupt.injected;
+	v->irq = in->interrupt.nr;
+	if (in->flags & EV_VALID_SHADOW) {
+		env_load(v);
+		ENV32(v, E_HFLAGS) &= ~HF_INHIBIT_IRQ;
+		if (in->interrupt.shadow & 3)
+			ENV32(v, E_HFLAGS) |= HF_INHIBIT_IRQ;
+		env_store(v);
+	}
+	if (in->flags & EV_VALID_SMM) {
+		v->in_smm = in->smi.smm;
+		v->smi_pending = in->smi.pending;
+		v->smm_inside_nmi = in->smi.smm && in->smi.smm_inside_nmi;
+		/* a different address space from the next access on */
+		env_load(v);
+		env_store(v);
+	}
+	return 0;
 }
 
 KVMFS_API int kvmfs_vcpu_set_guest_debug(kvmfs_vcpu *v, uint32_t control)

@@ -389,7 +389,7 @@ CAP_VALUES = {
     "DESTROY_MEMORY_REGION_WORKS": 1, "JOIN_MEMORY_REGIONS_WORKS": 1,
     "SET_IDENTITY_MAP_ADDR": 1, "MAX_VCPUS": 1024, "READONLY_MEM": 1, "ENABLE_CAP_VM": 1,
     "CHECK_EXTENSION_VM": 1, "MULTI_ADDRESS_SPACE": 2, "MAX_VCPU_ID": 4096,
-    "USER_MEMORY2": 1, "VM_TYPES": 1,
+    "USER_MEMORY2": 1, "VM_TYPES": 1, "VCPU_EVENTS": 1,
 }
 CAP_HOST = {"MULTI_ADDRESS_SPACE": {"pvm": (0, 0)}}   # spec 1: no SMM there
 
@@ -412,8 +412,8 @@ for _name, _value in CAP_VALUES.items():
 _add("check-extension-unknown", _check_extension(9999), (0, 0),
      why="an unknown capability answers 0 on the system and VM fd (spec 4)")
 _add("check-extension-x86-smm", _check_extension(abi.KVM_CAP_X86_SMM), (1, 1),
-     {"pvm": (0, 0)}, kvmfs=(0, 0),
-     why="kvmfs has address space 1 but no SMM entry (no KVM_SMI): X86_SMM = 0 (spec 4)")
+     {"pvm": (0, 0)},
+     why="SMM (KVM_SMI, RSM, address space 1) as on VMX/SVM hosts; PVM has none (spec 1, 4)")
 
 
 # --- VM fd ------------------------------------------------------------------------------

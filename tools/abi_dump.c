@@ -129,6 +129,17 @@ int main(void)
 #ifdef KVM_SMI
 	C(KVM_SMI);
 #endif
+#ifdef KVM_GET_VCPU_EVENTS
+	C(KVM_GET_VCPU_EVENTS);
+	C(KVM_SET_VCPU_EVENTS);
+	C(KVM_VCPUEVENT_VALID_NMI_PENDING);
+	C(KVM_VCPUEVENT_VALID_SIPI_VECTOR);
+	C(KVM_VCPUEVENT_VALID_SHADOW);
+	C(KVM_VCPUEVENT_VALID_SMM);
+#endif
+#ifdef KVM_RUN_X86_SMM
+	C(KVM_RUN_X86_SMM);
+#endif
 #ifdef KVM_CLEAR_DIRTY_LOG
 	C(KVM_CLEAR_DIRTY_LOG);
 #endif
@@ -306,6 +317,9 @@ int main(void)
 #endif
 #ifdef KVM_CAP_CHECK_EXTENSION_VM
 	C(KVM_CAP_CHECK_EXTENSION_VM);
+#endif
+#ifdef KVM_CAP_VCPU_EVENTS
+	C(KVM_CAP_VCPU_EVENTS);
 #endif
 #ifdef KVM_CAP_X86_SMM
 	C(KVM_CAP_X86_SMM);
@@ -500,6 +514,20 @@ int main(void)
 	S(kvm_cpuid2);
 	O(kvm_cpuid2, "nent", nent);
 	O(kvm_cpuid2, "padding", padding);
+	S(kvm_vcpu_events);
+	O(kvm_vcpu_events, "exception.nr", exception.nr);
+	O(kvm_vcpu_events, "exception.error_code", exception.error_code);
+	O(kvm_vcpu_events, "interrupt.nr", interrupt.nr);
+	O(kvm_vcpu_events, "interrupt.shadow", interrupt.shadow);
+	O(kvm_vcpu_events, "nmi.masked", nmi.masked);
+	O(kvm_vcpu_events, "sipi_vector", sipi_vector);
+	O(kvm_vcpu_events, "flags", flags);
+	O(kvm_vcpu_events, "smi.smm", smi.smm);
+	O(kvm_vcpu_events, "smi.pending", smi.pending);
+	O(kvm_vcpu_events, "smi.smm_inside_nmi", smi.smm_inside_nmi);
+	O(kvm_vcpu_events, "triple_fault", triple_fault);
+	O(kvm_vcpu_events, "exception_has_payload", exception_has_payload);
+	O(kvm_vcpu_events, "exception_payload", exception_payload);
 	S(kvm_guest_debug);
 	O(kvm_guest_debug, "control", control);
 	O(kvm_guest_debug, "pad", pad);
