@@ -2024,14 +2024,13 @@ KVMFS_API int kvmfs_vcpu_smi(kvmfs_vcpu *v)
 KVMFS_API int kvmfs_vcpu_get_events(kvmfs_vcpu *v, struct kvm_vcpu_events *out)
 {
 	memset(out, 0, sizeof(*out));
-	if (v->exc_pending) {
-		out->exception.injected = 1;
-		out->exception.nr = v->exc_nr;
-		out->exception.has_error_code = v->exc_has_err;
-		out->exception.error_code = v->exc_err;
-	}
+	/* as KVM, the vectors stay readable after the event is gone */
+	out->exception.injected = v->exc_pending;
+	out->exception.nr = v->exc_nr;
+	out->exception.has_error_code = v->exc_has_err;
+	out->exception.error_code = v->exc_err;
 	out->interrupt.injected = v->irq_pending;
-	out->interrupt.nr = v->irq_pending ? v->irq : 0;
+	out->interrupt.nr = v->irq;
 	env_load(v);
 	out->interrupt.shadow = (ENV32(v, E_HFLAGS) & HF_INHIBIT_IRQ) ? 1 : 0;   /* STI */
 	out->smi.smm = v->in_smm;

@@ -784,6 +784,102 @@ def cpuid_from_set_cpuid2(vm, vcpu, mem):
     return out
 
 
+def _events_line(ev):
+    return (f"exception {ev.exception.injected},{ev.exception.nr},{ev.exception.has_error_code},"
+            f"{ev.exception.error_code:#x} interrupt {ev.interrupt.injected},{ev.interrupt.nr},"
+            f"{ev.interrupt.shadow} nmi {ev.nmi.injected},{ev.nmi.pending},{ev.nmi.masked} "
+            f"smi {ev.smi.smm},{ev.smi.pending} flags={ev.flags:#x}")
+
+
+_EVENTS_ABI = [
+    "new: exception 0,0,0,0x0 interrupt 0,0,0 nmi 0,0,0 smi 0,0 flags=0xd",
+    "KVM_INTERRUPT 0x20: exception 0,0,0,0x0 interrupt 1,32,0 nmi 0,0,0 smi 0,0 flags=0xd",
+    "interrupt cleared: exception 0,0,0,0x0 interrupt 0,32,0 nmi 0,0,0 smi 0,0 flags=0xd",
+    "flags 0x40 EINVAL", "flags PAYLOAD EINVAL", "flags TRIPLE_FAULT EINVAL",
+    "exception 32 EINVAL", "exception 2 (NMI) EINVAL",
+    "exception 13 error 0x18 0: exception 1,13,1,0x18 interrupt 0,0,0 nmi 0,0,0 smi 0,0 flags=0xd",
+    "pending exception without PAYLOAD 0: exception 0,6,0,0x0 interrupt 0,0,0 nmi 0,0,0 smi 0,0 "
+    "flags=0xd",
+    "shadow 1 0: exception 0,0,0,0x0 interrupt 0,0,1 nmi 0,0,0 smi 0,0 flags=0xd",
+]
+
+
+@api_case(_EVENTS_ABI + [
+    "smi pending 0: exception 0,0,0,0x0 interrupt 0,0,0 nmi 0,0,0 smi 0,1 flags=0xd",
+    "KVM_SMI 0: exception 0,0,0,0x0 interrupt 0,0,0 nmi 0,0,0 smi 0,1 flags=0xd",
+], host={"pvm": _EVENTS_ABI + [
+    "smi pending EINVAL",
+    "KVM_SMI ENOTTY: exception 0,0,0,0x0 interrupt 0,0,0 nmi 0,0,0 smi 0,0 flags=0xd",
+]})
+def vcpu_events(vm, vcpu, mem):
+    """KVM_GET/SET_VCPU_EVENTS without an in-kernel irqchip: KVM_INTERRUPT shows as an injected
+    interrupt, vectors stay readable once the event is gone, unknown or unenabled flags
+    (PAYLOAD, TRIPLE_FAULT) and exception vectors above 31 or NMI are EINVAL, a pending
+    exception without PAYLOAD is dropped, SMI state comes with VALID_SMM (spec 10.3).  PVM has
+    no SMM: it refuses SMI state and KVM_SMI."""
+    out = [f"new: {_events_line(vcpu.get_vcpu_events())}"]
+    vcpu.interrupt(0x20)
+    out.append(f"KVM_INTERRUPT 0x20: {_events_line(vcpu.get_vcpu_events())}")
+    ev = vcpu.get_vcpu_events()
+    ev.interrupt.injected = 0
+    vcpu.set_vcpu_events(ev)
+    out.append(f"interrupt cleared: {_events_line(vcpu.get_vcpu_events())}")
+
+    def attempt(label, edit, show=True):
+        ev = abi.kvm_vcpu_events()
+        edit(ev)
+        e = _errno_of(lambda: vcpu.set_vcpu_events(ev))
+        out.append(f"{label} {e}" + (f": {_events_line(vcpu.get_vcpu_events())}"
+                                     if e == "0" and show else ""))
+        vcpu.set_vcpu_events(abi.kvm_vcpu_events())
+
+    def exc(nr, err=None, pending=False):
+        def edit(ev):
+            ev.exception.nr = nr
+            if pending:
+                ev.exception.pending = 1
+            else:
+                ev.exception.injected = 1
+            if err is not None:
+                ev.exception.has_error_code, ev.exception.error_code = 1, err
+        return edit
+
+    attempt("flags 0x40", lambda ev: setattr(ev, "flags", 0x40))
+    attempt("flags PAYLOAD", lambda ev: setattr(ev, "flags", 0x10))
+    attempt("flags TRIPLE_FAULT", lambda ev: setattr(ev, "flags", 0x20))
+    attempt("exception 32", exc(32))
+    attempt("exception 2 (NMI)", exc(2))
+    attempt("exception 13 error 0x18", exc(13, 0x18))
+    attempt("pending exception without PAYLOAD", exc(6, pending=True))
+    attempt("shadow 1", lambda ev: (setattr(ev, "flags", abi.KVM_VCPUEVENT_VALID_SHADOW),
+                                    setattr(ev.interrupt, "shadow", 1)))
+    ev = abi.kvm_vcpu_events()
+    ev.flags = abi.KVM_VCPUEVENT_VALID_SHADOW
+    vcpu.set_vcpu_events(ev)
+    attempt("smi pending", lambda ev: (setattr(ev, "flags", abi.KVM_VCPUEVENT_VALID_SMM),
+                                       setattr(ev.smi, "pending", 1)), show=True)
+    ev = abi.kvm_vcpu_events()
+    ev.flags = abi.KVM_VCPUEVENT_VALID_SMM
+    vcpu.set_vcpu_events(ev)
+    e = _errno_of(vcpu.smi)
+    out.append(f"KVM_SMI {e}: {_events_line(vcpu.get_vcpu_events())}")
+    return out
+
+
+@api_case(["OUT 0x66 data 0x1000"])
+def rsm_outside_smm_is_ud(vm, vcpu, mem):
+    """RSM outside SMM raises #UD through the guest's IVT, with the RSM's address pushed."""
+    _put(mem, 0x18, (0x2000).to_bytes(4, "little"))               # IVT[6] = 0000:2000
+    _put(mem, 0x1000, b"\x0f\xaa")                                # rsm
+    _put(mem, 0x2000, b"\x58\xe7\x66\xf4")                        # pop ax; out 0x66,ax; hlt
+    setup(vcpu, mem, "real", 0x1000)
+    vcpu.run()
+    run = vcpu.kvm_run
+    if run.exit_reason != abi.KVM_EXIT_IO:
+        return [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
+    return [f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"]
+
+
 def run_api_case(mnt, case):
     kvm = Kvm(mnt)
     vm = kvm.create_vm()
