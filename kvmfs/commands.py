@@ -230,6 +230,8 @@ def vcpu_run(vcpu, ctx):
     run = vcpu.run
     reason = run.exit_reason
     out = [f"exit_reason: {abi.EXIT_REASONS.get(reason, reason)}"]
+    if run.flags & abi.KVM_RUN_X86_SMM:
+        out.append("smm: 1")
     if reason == abi.KVM_EXIT_IO:
         io = run.io
         data = bytes(vcpu.run_map[io.data_offset:io.data_offset + io.size * io.count])
@@ -249,6 +251,21 @@ def vcpu_interrupt(vcpu, ctx, irq):
     return "ok\n"
 
 
+def vcpu_smi(vcpu, ctx):
+    """smi: KVM_SMI, taken by the next run"""
+    _call(vcpu, type(vcpu).smi, ctx)
+    return "ok\n"
+
+
+def vcpu_get_vcpu_events(vcpu, ctx):
+    ev = abi.kvm_vcpu_events()
+    _call(vcpu, type(vcpu).get_vcpu_events, ctx, struct=ev)
+    lines = [f"{part}.{name}: {getattr(getattr(ev, part), name)}"
+             for part in ("exception", "interrupt", "nmi", "smi")
+             for name, _ in type(getattr(ev, part))._fields_ if name != "pad"]
+    return "\n".join(lines + [f"flags: 0x{ev.flags:x}"]) + "\n"
+
+
 VCPU_COMMANDS = {"get_regs": vcpu_get_regs, "set_regs": vcpu_set_regs, "get_sregs": vcpu_get_sregs,
-                 "set_sregs": vcpu_set_sregs,
-                 "run": vcpu_run, "interrupt": vcpu_interrupt}
+                 "set_sregs": vcpu_set_sregs, "run": vcpu_run, "interrupt": vcpu_interrupt,
+                 "smi": vcpu_smi, "get_vcpu_events": vcpu_get_vcpu_events}

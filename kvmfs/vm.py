@@ -92,6 +92,9 @@ class Vm:
         """As KVM's kvm_vm_dead(): every VM and vCPU ioctl answers EIO from now on."""
         log.warning("vm%d killed: %s", self.id, why)
         self.killed = why
+        for v in list(self.vcpus.values()):       # the others leave KVM_RUN (EINTR), then EIO
+            if v.native != ffi.NULL:
+                lib.kvmfs_vcpu_kick(v.native)
 
     # --- VM ioctls --------------------------------------------------------------------
     def check_extension(self, ctx, arg, data):

@@ -591,3 +591,55 @@ def test_lock_xadd_smp():
         t.join(60)
     assert res == [(0, EXIT_HLT)] * n
     assert struct.unpack("<I", vm.mem[0x300000:0x300004])[0] == n * iters
+
+
+@pytest.mark.parametrize("lm", [1, 0], ids=["64-bit map", "32-bit map"])
+def test_smram_map_round_trip(lm):
+    """native/smm.c: what enter_smm saves is what RSM loads back, field by field (32-bit
+    fields in the 32-bit map), at the offsets of KVM's arch/x86/kvm/smm.h."""
+    st = ffi.new("struct kvmfs_smm_state *")
+    mask = (1 << 64) - 1 if lm else (1 << 32) - 1
+    regs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"] + (
+        [f"r{i}" for i in range(8, 16)] if lm else [])
+    for i, name in enumerate(regs):
+        setattr(st.regs, name, (0x0101010101010101 * (i + 1)) & mask)
+    st.regs.rip, st.regs.rflags = 0x1234567890 & mask, 0x246
+    s = st.sregs
+    for i, name in enumerate(("es", "cs", "ss", "ds", "fs", "gs", "tr", "ldt")):
+        seg = getattr(s, name)
+        seg.selector, seg.base, seg.limit = 8 * (i + 1), (0x10000 * (i + 1)) & mask, 0xFFFFF
+        seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.g = 3 + (i % 9), 1, i % 4, 1, 1, 1
+        seg.l = 1 if lm and name == "cs" else 0
+        seg.db = 0 if seg.l else 1
+    s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit = 0x500, 0x37, 0x600, 0xFFF
+    s.cr0, s.cr3, s.cr4 = 0x80000011, 0x20000, 0x20
+    s.efer = 0x500 if lm else 0
+    st.dr6, st.dr7, st.smbase = 0xFFFF0FF0, 0x400, 0x30000
+    buf = ffi.new("uint8_t[512]")
+    lib.kvmfs_smram_save(buf, st, lm)
+    m = bytes(buf)
+    if lm:   # a few offsets straight from smm.h (map offset = offset - 0xFE00)
+        assert struct.unpack_from("<QQ", m, 0x170) == (0x246, st.regs.rip)   # RFLAGS, RIP
+        assert struct.unpack_from("<Q", m, 0x1F8)[0] == st.regs.rax            # gprs[15]
+        # CS: selector, attributes (G L P DPL1 S type 4 -> 0xa0b4), limit, base
+        assert struct.unpack_from("<HHIQ", m, 0x10) == (16, 0xA0B4, 0xFFFFF, 0x20000)
+        assert struct.unpack_from("<IQ", m, 0x64) == (0x37, 0x500)
+        assert struct.unpack_from("<I", m, 0xFC)[0] == 0x00020064
+    else:
+        assert struct.unpack_from("<IIII", m, 0x1F0) == (st.regs.rip, 0x246, 0x20000, 0x80000011)
+        assert struct.unpack_from("<I", m, 0x1D0 + 4 * 3)[0] == st.regs.rbx  # EAX ECX EDX EBX
+        assert struct.unpack_from("<I", m, 0xFC)[0] == 0x00020000
+    back = ffi.new("struct kvmfs_smm_state *")
+    lib.kvmfs_smram_load(buf, back, lm)
+    assert bytes(ffi.buffer(ffi.addressof(back.regs))) == bytes(ffi.buffer(ffi.addressof(st.regs)))
+    for name in ("es", "cs", "ss", "ds", "fs", "gs", "tr", "ldt"):
+        a, b = getattr(back.sregs, name), getattr(s, name)
+        assert [getattr(a, f) for f in ("selector", "base", "limit", "type", "present", "dpl",
+                                        "db", "s", "l", "g")] == \
+               [getattr(b, f) for f in ("selector", "base", "limit", "type", "present", "dpl",
+                                        "db", "s", "l", "g")], name
+    assert (back.sregs.cr0, back.sregs.cr3, back.sregs.cr4, back.sregs.efer) == \
+           (s.cr0, s.cr3, s.cr4, s.efer)
+    assert (back.sregs.gdt.base, back.sregs.gdt.limit, back.sregs.idt.base, back.sregs.idt.limit) == \
+           (0x500, 0x37, 0x600, 0xFFF)
+    assert (back.dr6, back.dr7, back.smbase) == (0xFFFF0FF0, 0x400, 0x30000)

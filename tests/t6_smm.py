@@ -11,6 +11,7 @@ access reached.  The vCPU-events and #UD-for-RSM cases that real KVM here can
 answer are in tests/guestcases.py.
 """
 import errno
+import os
 import struct
 
 import pytest
@@ -295,3 +296,23 @@ def test_a_state_save_with_nowhere_to_go_kills_only_that_vm(smm, mounted, smram)
     other.put(other.ram, 0x1000, REAL_GUEST)
     other.real_mode()
     assert other.run() == ("IO", 0x10, 0x34)
+
+
+def test_smi_and_vcpu_events_as_text_commands(smm):
+    g = smm()
+    g.put(g.ram, 0x1000, REAL_GUEST)
+    g.put(g.smram, SMBASE + 0x8000, ".code16\n out %al, $0x20\n rsm\n", base=0x8000)
+    g.real_mode()
+    fd = os.open(os.path.join(g.vm.dir, "vcpu0.cmd"), os.O_RDWR)
+    try:
+        def cmd(line):
+            os.write(fd, line.encode() + b"\n")
+            return os.pread(fd, 4096, 0).decode()
+        assert "port: 0x10" in cmd("run")
+        assert cmd("smi") == "ok\n"
+        assert "smi.pending: 1" in cmd("get_vcpu_events")
+        out = cmd("run")
+        assert "smm: 1" in out and "port: 0x20" in out
+        assert "smi.smm: 1" in cmd("get_vcpu_events")
+    finally:
+        os.close(fd)
