@@ -223,6 +223,7 @@ struct kvmfs_vcpu {
 	bool shadow;                      /* interrupt shadow after STI seen by the watch */
 	uint32_t debug_ctl;
 	uint64_t miss_hva;
+	bool gmem_miss;                   /* a copy_guest met unregistered host memory */
 
 	/* KVM_SET_CPUID2's table: what CPUID answers (empty: zeros, as KVM) */
 	struct kvm_cpuid_entry2 *cpuid;
@@ -382,6 +383,10 @@ static int copy_guest(kvmfs_vcpu *v, const struct kvmfs_paging *pg, uint64_t la,
 			n = len;
 		kvmfs_mmu_translate(v->mmu, pg, la & ~0xfffull,
 				    write ? KVMFS_ACC_WRITE : KVMFS_ACC_READ, xl);
+		if (xl->kind == KVMFS_XL_NEED_HVA) {
+			v->gmem_miss = true;      /* see deliver_event */
+			v->miss_hva = xl->hva;
+		}
 		if (xl->kind != KVMFS_XL_OK)
 			return xl->kind ? xl->kind : -1;
 		if (write)
@@ -1035,22 +1040,31 @@ static int deliver_once(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, ui
 }
 
 /* Deliver with the double-fault / triple-fault rules.  Returns 0 or 1 = shutdown. */
+#define DELIVERED 0
+#define DELIVER_SHUTDOWN (-1)
+#define DELIVER_NEED_HVA (-2)         /* nothing changed: register the memory, deliver again */
+
 static int deliver_event(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, uint64_t ret_rip)
 {
+	v->gmem_miss = false;
 	env_load(v);
 	if (deliver_once(v, vec, errc, err, ret_rip) == 0) {
 		env_store(v);
-		return 0;
+		return DELIVERED;
 	}
+	if (v->gmem_miss)
+		return DELIVER_NEED_HVA;  /* the IVT/IDT, GDT or stack is not mapped yet */
 	if (vec != 8) {
 		env_load(v);
 		if (deliver_once(v, 8, true, 0, ret_rip) == 0) {
 			env_store(v);
-			return 0;
+			return DELIVERED;
 		}
+		if (v->gmem_miss)
+			return DELIVER_NEED_HVA;
 	}
 	v->shutdown = true;
-	return 1;
+	return DELIVER_SHUTDOWN;
 }
 
 static void set_cr2(kvmfs_vcpu *v, uint64_t va) { wreg(v, UC_X86_REG_CR2, va); }
@@ -1355,6 +1369,37 @@ static int internal_error(kvmfs_vcpu *v, uint32_t sub)
 	return exit_to(v, 17);
 }
 
+/* deliver_event's answer for a caller that stops the run: 1 with *rc set. */
+static int delivery_stops(kvmfs_vcpu *v, int r, int *rc)
+{
+	if (r == DELIVER_SHUTDOWN) {
+		*rc = exit_to(v, 8);
+		return 1;
+	}
+	if (r == DELIVER_NEED_HVA) {
+		*rc = KVMFS_RUN_NEED_HVA;
+		return 1;
+	}
+	return 0;
+}
+
+/* An exception the guest raised (ret_rip: what its frame holds).  When its
+ * delivery needs host memory registered first, it is queued with RIP there and
+ * the next pass of KVM_RUN delivers it. */
+static int raise_exception(kvmfs_vcpu *v, uint32_t vec, bool errc, uint32_t err, uint64_t ret_rip,
+			   int *rc)
+{
+	int r = deliver_event(v, vec, errc, err, ret_rip);
+	if (r == DELIVER_NEED_HVA) {
+		wreg(v, UC_X86_REG_RIP, ret_rip);
+		v->exc_pending = true;
+		v->exc_nr = vec;
+		v->exc_has_err = errc;
+		v->exc_err = err;
+	}
+	return delivery_stops(v, r, rc);
+}
+
 /* One slice of emulation on engine idx from the current RIP.  Returns the uc_err. */
 static uc_err slice(kvmfs_vcpu *v, int idx)
 {
@@ -1531,11 +1576,8 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 		    (b[0] == 0xcc || b[0] == 0xce))
 			soft = true;
 		(void)rip;
-		if (deliver_event(v, vec, !soft && has_errcode(vec), soft ? 0 : v->intr_err, v->intr_rip)) {
-			*rc = exit_to(v, 8);
-			return 1;
-		}
-		return 0;
+		return raise_exception(v, vec, !soft && has_errcode(vec), soft ? 0 : v->intr_err,
+				       v->intr_rip, rc);
 	}
 	case WHY_FILL:
 		if (v->code_stale) {
@@ -1562,11 +1604,8 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 			}
 		case KVMFS_XL_PF:
 			set_cr2(v, v->fill_vaddr);
-			if (deliver_event(v, 14, true, v->fx.pf_error_code, rreg(v, UC_X86_REG_RIP))) {
-				*rc = exit_to(v, 8);
-				return 1;
-			}
-			return 0;
+			return raise_exception(v, 14, true, v->fx.pf_error_code,
+					       rreg(v, UC_X86_REG_RIP), rc);
 		case KVMFS_XL_NEED_HVA:
 			v->miss_hva = v->fx.hva;
 			*rc = KVMFS_RUN_NEED_HVA;
@@ -1594,11 +1633,7 @@ static int handle_stop(kvmfs_vcpu *v, uc_err e, int *rc)
 			}
 			return 0;
 		}
-		if (deliver_event(v, 6, false, 0, rreg(v, UC_X86_REG_RIP))) {
-			*rc = exit_to(v, 8);
-			return 1;
-		}
-		return 0;
+		return raise_exception(v, 6, false, 0, rreg(v, UC_X86_REG_RIP), rc);
 	}
 	if (v->attn & ATTN_FLUSH) {
 		do_flush(v);
@@ -1697,20 +1732,22 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 			rc = -EINTR;
 			goto out;
 		}
-		if (v->irq_pending && can_inject(v)) {
-			v->irq_pending = false;
-			if (deliver_event(v, v->irq, false, 0, rreg(v, UC_X86_REG_RIP))) {
-				rc = exit_to(v, 8);
-				goto out;
-			}
-		}
+		/* as KVM: an injected exception first, then the interrupt; each
+		 * stays queued if its delivery must wait for host memory */
 		if (v->exc_pending) {
-			v->exc_pending = false;
-			if (deliver_event(v, v->exc_nr, v->exc_has_err, v->exc_err,
-					  rreg(v, UC_X86_REG_RIP))) {
-				rc = exit_to(v, 8);
+			int r = deliver_event(v, v->exc_nr, v->exc_has_err, v->exc_err,
+					      rreg(v, UC_X86_REG_RIP));
+			if (r != DELIVER_NEED_HVA)
+				v->exc_pending = false;
+			if (delivery_stops(v, r, &rc))
 				goto out;
-			}
+		}
+		if (v->irq_pending && can_inject(v)) {
+			int r = deliver_event(v, v->irq, false, 0, rreg(v, UC_X86_REG_RIP));
+			if (r != DELIVER_NEED_HVA)
+				v->irq_pending = false;
+			if (delivery_stops(v, r, &rc))
+				goto out;
 		}
 		if (v->smi_pending && !v->in_smm) {
 			if ((rc = enter_smm(v)))

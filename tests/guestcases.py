@@ -880,6 +880,44 @@ def rsm_outside_smm_is_ud(vm, vcpu, mem):
     return [f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"]
 
 
+@api_case(["OUT 0x66 data 0x1000 then OUT 0x10"])
+def exception_injected_by_set_vcpu_events(vm, vcpu, mem):
+    """An exception KVM_SET_VCPU_EVENTS marks injected is delivered by the next KVM_RUN,
+    before the instruction at RIP runs (here #UD through the real-mode IVT)."""
+    _put(mem, 0x18, (0x2000).to_bytes(4, "little"))               # IVT[6] = 0000:2000
+    _put(mem, 0x1000, b"\xe6\x10\xf4")                            # out 0x10,al; hlt
+    _put(mem, 0x2000, b"\x58\xe7\x66\x50\xcf")                    # pop ax; out 0x66,ax; push ax; iret
+    setup(vcpu, mem, "real", 0x1000)
+    ev = abi.kvm_vcpu_events()
+    ev.exception.injected, ev.exception.nr = 1, 6
+    vcpu.set_vcpu_events(ev)
+    lines = []
+    for _ in range(2):
+        vcpu.run()
+        run = vcpu.kvm_run
+        if run.exit_reason != abi.KVM_EXIT_IO:
+            return lines + [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
+        lines.append(f"OUT {run.exit.io.port:#x}" + (
+            f" data {int.from_bytes(vcpu.io_data(), 'little'):#x}" if run.exit.io.port == 0x66 else ""))
+    return [" then ".join(lines)]
+
+
+@api_case(["OUT 0x66 data 0x1000"])
+def interrupt_before_any_guest_access(vm, vcpu, mem):
+    """KVM_INTERRUPT before the first KVM_RUN, IF set: delivered through the IVT before the
+    guest has touched any memory (the IVT and stack pages are reached first by the delivery)."""
+    _put(mem, 0x20 * 4, (0x2000).to_bytes(4, "little"))          # IVT[0x20] = 0000:2000
+    _put(mem, 0x1000, b"\xf4")                                     # hlt
+    _put(mem, 0x2000, b"\x58\xe7\x66\xf4")                        # pop ax; out 0x66,ax; hlt
+    setup(vcpu, mem, "real", 0x1000, rflags=0x202)
+    vcpu.interrupt(0x20)
+    vcpu.run()
+    run = vcpu.kvm_run
+    if run.exit_reason != abi.KVM_EXIT_IO:
+        return [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
+    return [f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"]
+
+
 def run_api_case(mnt, case):
     kvm = Kvm(mnt)
     vm = kvm.create_vm()
