@@ -101,6 +101,8 @@
 #define DESC_UNUSABLE 1u              /* kvmfs-private bit (QEMU ignores flags[7:0]) */
 
 #define CR0_PE 1ull
+#define CR0_EM (1ull << 2)
+#define CR0_TS (1ull << 3)
 #define CR0_PG (1ull << 31)
 #define CR4_PAE (1ull << 5)
 #define EFER_LME (1ull << 8)
@@ -1121,7 +1123,7 @@ static int enter_smm(kvmfs_vcpu *v)
 	struct kvm_sregs *s = &st.sregs;
 	r->rflags = 2;
 	r->rip = 0x8000;
-	s->cr0 &= ~(CR0_PE | (1ull << 2) | (1ull << 3) | CR0_PG);   /* PE EM TS PG */
+	s->cr0 &= ~(CR0_PE | CR0_EM | CR0_TS | CR0_PG);
 	s->cr4 = 0;
 	s->idt.base = 0;
 	s->idt.limit = 0;                 /* undocumented, as KVM */

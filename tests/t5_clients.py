@@ -47,7 +47,8 @@ def run(exe, mnt, *args):
         env["KVMFS_MNT"] = str(mnt)
     p = subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=TIMEOUT)
     where = f"KVMFS_MNT={mnt}" if mnt is not None else "/dev/kvm"
-    assert p.returncode == 0, (f"{os.path.basename(exe)} {' '.join(args)} on {where} exited {p.returncode}\n"
+    name = " ".join([os.path.basename(exe), *args])
+    assert p.returncode == 0, (f"{name} on {where} exited {p.returncode}\n"
                                f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p.stdout
 
