@@ -29,23 +29,23 @@ def build(tmp, name, extra=()):
     return out
 
 
-def pinned(cmd, env=None, cpu=CPU):
+def _stdout(cmd, env, cpu):
+    """cmd's output, run on cpu (taskset) when cpu is set; its last stderr line if it fails."""
     r = subprocess.run((["taskset", "-c", cpu] if cpu else []) + list(cmd), capture_output=True,
                        text=True, env=env, timeout=300)
     if r.returncode:
         raise RuntimeError(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:])}: "
                            f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'exit %d' % r.returncode}")
-    return [float(x) for x in r.stdout.split()]
+    return r.stdout
+
+
+def pinned(cmd, env=None, cpu=CPU):
+    return [float(x) for x in _stdout(cmd, env, cpu).split()]
 
 
 def lines(cmd, env=None, cpu=CPU):
     """One sample per output line (a tuple when a line has several fields)."""
-    r = subprocess.run((["taskset", "-c", cpu] if cpu else []) + list(cmd), capture_output=True,
-                       text=True, env=env, timeout=300)
-    if r.returncode:
-        raise RuntimeError(f"{os.path.basename(cmd[0])} {' '.join(cmd[1:])}: "
-                           f"{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'exit %d' % r.returncode}")
-    return [[float(x) for x in ln.split()] for ln in r.stdout.splitlines() if ln.strip()]
+    return [[float(x) for x in ln.split()] for ln in _stdout(cmd, env, cpu).splitlines() if ln.strip()]
 
 
 def reps(fn, n):
