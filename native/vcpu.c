@@ -1107,10 +1107,8 @@ static int enter_smm(kvmfs_vcpu *v)
 	smm_state_now(v, &st);
 	kvmfs_smram_save(map, &st, lm);
 	int k = gphys(v, 1, (uint64_t)v->smbase + 0xfe00, map, sizeof map, true, &xl);
-	if (k == KVMFS_XL_NEED_HVA) {
-		v->miss_hva = xl.hva;
-		return KVMFS_RUN_NEED_HVA;
-	}
+	if (k == KVMFS_XL_NEED_HVA)
+		return KVMFS_RUN_NEED_HVA;          /* miss_hva set by copy_guest */
 	if (k) {
 		v->miss_hva = (uint64_t)v->smbase + 0xfe00;   /* reported by the caller */
 		return KVMFS_RUN_VM_DEAD;
@@ -1153,10 +1151,8 @@ static int leave_smm(kvmfs_vcpu *v)
 	bool lm = guest_has_lm(v);
 
 	int k = gphys(v, 1, (uint64_t)v->smbase + 0xfe00, map, sizeof map, false, &xl);
-	if (k == KVMFS_XL_NEED_HVA) {
-		v->miss_hva = xl.hva;
-		return KVMFS_RUN_NEED_HVA;
-	}
+	if (k == KVMFS_XL_NEED_HVA)
+		return KVMFS_RUN_NEED_HVA;          /* miss_hva set by copy_guest */
 	v->in_smm = false;
 	v->smm_inside_nmi = false;
 	if (k)
@@ -2111,9 +2107,7 @@ KVMFS_API int kvmfs_vcpu_set_events(kvmfs_vcpu *v, const struct kvm_vcpu_events 
 		v->in_smm = in->smi.smm;
 		v->smi_pending = in->smi.pending;
 		v->smm_inside_nmi = in->smi.smm && in->smi.smm_inside_nmi;
-		/* a different address space from the next access on */
-		env_load(v);
-		env_store(v);
+		uc_ctl_flush_tlb(v->uc);  /* a different address space from the next access on */
 	}
 	return 0;
 }
