@@ -866,6 +866,15 @@ def vcpu_events(vm, vcpu, mem):
     return out
 
 
+def _run_to_out(vcpu):
+    """KVM_RUN once: "OUT PORT data VALUE", or "exit REASON" for any other exit."""
+    vcpu.run()
+    run = vcpu.kvm_run
+    if run.exit_reason != abi.KVM_EXIT_IO:
+        return f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"
+    return f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"
+
+
 @api_case(["OUT 0x66 data 0x1000"])
 def rsm_outside_smm_is_ud(vm, vcpu, mem):
     """RSM outside SMM raises #UD through the guest's IVT, with the RSM's address pushed."""
@@ -873,14 +882,10 @@ def rsm_outside_smm_is_ud(vm, vcpu, mem):
     _put(mem, 0x1000, b"\x0f\xaa")                                # rsm
     _put(mem, 0x2000, b"\x58\xe7\x66\xf4")                        # pop ax; out 0x66,ax; hlt
     setup(vcpu, mem, "real", 0x1000)
-    vcpu.run()
-    run = vcpu.kvm_run
-    if run.exit_reason != abi.KVM_EXIT_IO:
-        return [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
-    return [f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"]
+    return [_run_to_out(vcpu)]
 
 
-@api_case(["OUT 0x66 data 0x1000 then OUT 0x10"])
+@api_case(["OUT 0x66 data 0x1000 then OUT 0x10 data 0x0"])
 def exception_injected_by_set_vcpu_events(vm, vcpu, mem):
     """An exception KVM_SET_VCPU_EVENTS marks injected is delivered by the next KVM_RUN,
     before the instruction at RIP runs (here #UD through the real-mode IVT)."""
@@ -891,15 +896,7 @@ def exception_injected_by_set_vcpu_events(vm, vcpu, mem):
     ev = abi.kvm_vcpu_events()
     ev.exception.injected, ev.exception.nr = 1, 6
     vcpu.set_vcpu_events(ev)
-    lines = []
-    for _ in range(2):
-        vcpu.run()
-        run = vcpu.kvm_run
-        if run.exit_reason != abi.KVM_EXIT_IO:
-            return lines + [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
-        lines.append(f"OUT {run.exit.io.port:#x}" + (
-            f" data {int.from_bytes(vcpu.io_data(), 'little'):#x}" if run.exit.io.port == 0x66 else ""))
-    return [" then ".join(lines)]
+    return [f"{_run_to_out(vcpu)} then {_run_to_out(vcpu)}"]
 
 
 @api_case(["OUT 0x66 data 0x1000"])
@@ -911,11 +908,7 @@ def interrupt_before_any_guest_access(vm, vcpu, mem):
     _put(mem, 0x2000, b"\x58\xe7\x66\xf4")                        # pop ax; out 0x66,ax; hlt
     setup(vcpu, mem, "real", 0x1000, rflags=0x202)
     vcpu.interrupt(0x20)
-    vcpu.run()
-    run = vcpu.kvm_run
-    if run.exit_reason != abi.KVM_EXIT_IO:
-        return [f"exit {abi.EXIT_REASONS.get(run.exit_reason, run.exit_reason)}"]
-    return [f"OUT {run.exit.io.port:#x} data {int.from_bytes(vcpu.io_data(), 'little'):#x}"]
+    return [_run_to_out(vcpu)]
 
 
 def run_api_case(mnt, case):

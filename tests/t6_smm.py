@@ -44,12 +44,7 @@ class SmmVm:
         mem.map[gpa:gpa + len(code)] = code
 
     def real_mode(self, rip=0x1000):
-        s = self.vcpu.get_sregs()
-        s.cs.selector, s.cs.base = 0, 0
-        self.vcpu.set_sregs(s)
-        r = abi.kvm_regs()
-        r.rip, r.rflags, r.rsp = rip, 2, 0x8000
-        self.vcpu.set_regs(r)
+        guestcases.setup(self.vcpu, self.ram, "real", rip)
 
     def run(self):
         """KVM_RUN once: (exit name, OUT port or None, OUT data as int or None)."""
