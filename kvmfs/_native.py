@@ -1,13 +1,232 @@
-"""The only importer of the compiled fast path (kvmfs._kvmfs_native).
+"""The binding layer: the only user of the compiled fast path (kvmfs._kvmfs_native).
 
-`ffi` and `lib` are cffi's handles.  `ensure(rc, op)` turns a C -errno result
-into KvmError, so callers above never look at raw return codes.
+One thin wrapper per exported C function (native/kvmfs_native.h), in the same
+order and under the same name without the `kvmfs_` prefix.  Every wrapper
+checks the C result once, here: a negative result is -errno and becomes
+KvmError(errno, op); callers above never see a raw return code, and no other
+kvmfs module touches `lib` or `ffi` for calls (tests of the C layer do).
+
+Buffer lifetimes (the cffi equivalent of a SAFETY: note): a buffer handed to C
+is owned by the Python caller and must outlive the call only, unless a wrapper
+says otherwise (kvm_run areas and host mappings live as long as their owner).
+
+Names that are not calls (struct types, KVMFS_* constants) are read through
+`ffi`/`lib` of this module.
 """
+import errno
+
 from kvmfs._kvmfs_native import ffi, lib
 from kvmfs.errors import KvmError
 
 
 def ensure(rc, op, detail="", warn=True):
+    """rc, or KvmError(-rc, op) when rc is a negative errno."""
     if rc < 0:
         raise KvmError(-rc, op, detail, warn=warn)
     return rc
+
+
+def new(ctype, init=None):
+    """A zeroed C object owned by the caller (freed when the last reference goes)."""
+    return ffi.new(ctype, init)
+
+
+def addr(cdata):
+    """The integer address of a cdata buffer (for process_vm_readv/writev)."""
+    return int(ffi.cast("uintptr_t", cdata))
+
+
+def cast(ctype, value):
+    return ffi.cast(ctype, value)
+
+
+def from_buffer(buf):
+    """A char[] view of a Python buffer; the buffer stays exported while the view lives."""
+    return ffi.from_buffer(buf)
+
+
+def unpack(cdata, n):
+    return ffi.buffer(cdata, n)[:]
+
+
+NULL = ffi.NULL
+
+
+# --- mmu.c: one MMU per VM ---------------------------------------------------------------
+def mmu_new():
+    """A new MMU; KvmError(ENOMEM) when C cannot allocate one.  Freed by mmu_free only."""
+    mmu = lib.kvmfs_mmu_new()
+    if mmu == ffi.NULL:
+        raise KvmError(errno.ENOMEM, "KVM_CREATE_VM", "cannot allocate the MMU")
+    return mmu
+
+
+def mmu_free(mmu):
+    lib.kvmfs_mmu_free(mmu)
+
+
+def memslot_set(mmu, as_id, sid, flags, gpa, size, hva, op):
+    """Commit one memslot change; returns the KVMFS_MR_* kind."""
+    return ensure(lib.kvmfs_memslot_set(mmu, as_id, sid, flags, gpa, size, hva), op,
+                  f"slot {as_id}:{sid} gpa 0x{gpa:x} size 0x{size:x} flags 0x{flags:x}")
+
+
+def memslot_get(mmu, as_id, sid):
+    """The slot as a struct kvmfs_slot_info, or None when it does not exist."""
+    info = ffi.new("struct kvmfs_slot_info *")
+    return info if lib.kvmfs_memslot_get(mmu, as_id, sid, info) >= 0 else None
+
+
+def memslot_list(mmu, as_id):
+    """The slots of one address space sorted by gpa, copied out of C as tuples of
+    SLOT_FIELDS (an element of a cffi array is a view into memory freed with it)."""
+    n = lib.kvmfs_memslot_count(mmu, as_id)
+    out = ffi.new("struct kvmfs_slot_info[]", max(n, 1))
+    n = min(lib.kvmfs_memslot_list(mmu, as_id, out, n), n)
+    return [tuple(getattr(out[i], f) for f in SLOT_FIELDS) for i in range(n)]
+
+
+SLOT_FIELDS = ("as_id", "id", "flags", "base_gfn", "npages", "userspace_addr", "dirty_count")
+
+
+def memslot_count(mmu, as_id):
+    return lib.kvmfs_memslot_count(mmu, as_id)
+
+
+def hostmem_add(mmu, hva, size, ptr, op):
+    """Register daemon memory ptr as the VMM's [hva, hva+size); ptr must stay mapped
+    until hostmem_remove returns it (or the MMU is freed)."""
+    return ensure(lib.kvmfs_hostmem_add(mmu, hva, size, ptr), op,
+                  f"host memory 0x{hva:x}+0x{size:x}", warn=False)
+
+
+def hostmem_remove(mmu, hva, size, op="invalidate"):
+    """Zap and forget the ranges overlapping [hva, hva+size); returns their daemon
+    addresses and sizes (the caller unmaps them)."""
+    ptrs = ffi.new("void *[]", 64)
+    sizes = ffi.new("uint64_t[]", 64)
+    out = []
+    while True:
+        n = ensure(lib.kvmfs_hostmem_remove(mmu, hva, size, ptrs, sizes, 64), op,
+                   f"0x{hva:x}+0x{size:x}")
+        out += [(addr(ptrs[i]), sizes[i]) for i in range(n)]
+        if n < 64:
+            return out
+
+
+def mmu_access_gpa(mmu, as_id, gpa, buf, length, write):
+    """Copy between guest-physical memory and buf (a char* cdata).  Returns
+    (bytes done, miss_hva): done 0 with miss_hva set means resolve that hva first."""
+    miss = ffi.new("uint64_t *")
+    fn = lib.kvmfs_mmu_write_gpa if write else lib.kvmfs_mmu_read_gpa
+    n = fn(mmu, as_id, gpa, buf, length, miss)
+    return n, miss[0]
+
+
+def dirty_set_manual_protect(mmu, options):
+    lib.kvmfs_dirty_set_manual_protect(mmu, options)
+
+
+def dirty_get_log(mmu, as_id, sid, buf, nbytes, op):
+    return ensure(lib.kvmfs_dirty_get_log(mmu, as_id, sid, buf, nbytes), op)
+
+
+def dirty_clear_log(mmu, as_id, sid, first_page, num_pages, mask, op):
+    return ensure(lib.kvmfs_dirty_clear_log(mmu, as_id, sid, first_page, num_pages, mask), op)
+
+
+def mmu_test_young(mmu, as_id, gfn, npages, op="test_young"):
+    return ensure(lib.kvmfs_mmu_test_young(mmu, as_id, gfn, npages), op)
+
+
+def mmu_clear_young(mmu, as_id, gfn, npages, op="clear_young"):
+    return ensure(lib.kvmfs_mmu_clear_young(mmu, as_id, gfn, npages), op)
+
+
+def mmu_get_stats(mmu):
+    st = ffi.new("struct kvmfs_mmu_stats *")
+    lib.kvmfs_mmu_get_stats(mmu, st)
+    return {f: getattr(st, f) for f in dir(st)}
+
+
+def view_text(fn_name, *args):
+    """Text a C view formats (nothing per page in Python), grown until it fits."""
+    fn = getattr(lib, "kvmfs_view_" + fn_name)
+    size = 1 << 16
+    while True:
+        buf = ffi.new("char[]", size)
+        n = ensure(fn(*args, buf, size), "view " + fn_name)
+        if n <= size:
+            return ffi.unpack(buf, n)
+        size = n + 4096
+
+
+# --- vcpu.c: one engine per vCPU ---------------------------------------------------------
+def vcpu_new(mmu, vcpu_id, run):
+    """A native vCPU over the kvm_run area `run`, which must stay mapped until vcpu_free."""
+    v = lib.kvmfs_vcpu_new(mmu, vcpu_id, run)
+    if v == ffi.NULL:
+        raise KvmError(errno.ENOMEM, "KVM_CREATE_VCPU", "cannot create the emulator")
+    return v
+
+
+def vcpu_free(v):
+    lib.kvmfs_vcpu_free(v)
+
+
+RUN_NEED_HVA = lib.KVMFS_RUN_NEED_HVA
+RUN_VM_DEAD = lib.KVMFS_RUN_VM_DEAD
+
+
+def vcpu_run(v):
+    """One KVM_RUN in C with the GIL released: 0, RUN_NEED_HVA, RUN_VM_DEAD or -errno
+    (returned raw: the caller's loop tells these apart)."""
+    return lib.kvmfs_vcpu_run(v)
+
+
+def vcpu_miss_hva(v):
+    return lib.kvmfs_vcpu_miss_hva(v)
+
+
+def vcpu_kick(v):
+    lib.kvmfs_vcpu_kick(v)
+
+
+def vcpu_install_intr_signal(signo):
+    return ensure(lib.kvmfs_vcpu_install_intr_signal(signo), "install the interrupt signal")
+
+
+def vcpu_state(v, what, ctype, data, op):
+    """KVM_GET_/SET_<what> on the struct at daemon address data (the FUSE buffer)."""
+    return ensure(getattr(lib, "kvmfs_vcpu_" + what)(v, ffi.cast(ctype + " *", data)), op)
+
+
+def vcpu_msrs(v, entries, n, write, op):
+    fn = lib.kvmfs_vcpu_set_msrs if write else lib.kvmfs_vcpu_get_msrs
+    return ensure(fn(v, entries, n), op)
+
+
+def vcpu_set_cpuid(v, entries, n, op="KVM_SET_CPUID2"):
+    return ensure(lib.kvmfs_vcpu_set_cpuid(v, entries, n), op)
+
+
+def supported_cpuid(entries, n, op="KVM_GET_SUPPORTED_CPUID"):
+    return ensure(lib.kvmfs_supported_cpuid(entries, n), op)
+
+
+def vcpu_interrupt(v, irq, op="KVM_INTERRUPT"):
+    return ensure(lib.kvmfs_vcpu_interrupt(v, irq), op)
+
+
+def vcpu_smi(v, op="KVM_SMI"):
+    return ensure(lib.kvmfs_vcpu_smi(v), op)
+
+
+def vcpu_set_guest_debug(v, control, op="KVM_SET_GUEST_DEBUG"):
+    return ensure(lib.kvmfs_vcpu_set_guest_debug(v, control), op)
+
+
+def vcpu_get_stats(v):
+    st = ffi.new("struct kvmfs_vcpu_stats *")
+    lib.kvmfs_vcpu_get_stats(v, st)
+    return st

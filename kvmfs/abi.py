@@ -9,6 +9,7 @@ those of linux/kvm.h (see spec/kvm-abi.md); tests/t0_abi.py checks them against
 a C program compiled with the same header text.
 """
 import ctypes
+import os
 
 # --- ioctl encoding: dir << 30 | size << 16 | type << 8 | nr -------------------
 IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
@@ -343,7 +344,7 @@ CAPS = {
     KVM_CAP_USER_MEMORY: 1,
     KVM_CAP_SET_TSS_ADDR: 1,
     KVM_CAP_EXT_CPUID: 1,            # KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2
-    KVM_CAP_NR_VCPUS: 2,
+    KVM_CAP_NR_VCPUS: min(os.sysconf("SC_NPROCESSORS_ONLN"), KVM_MAX_VCPUS),   # as KVM: online CPUs
     KVM_CAP_NR_MEMSLOTS: KVM_USER_MEM_SLOTS,
     KVM_CAP_MP_STATE: 0,
     KVM_CAP_COALESCED_MMIO: 0,
@@ -475,3 +476,15 @@ assert ctypes.sizeof(kvm_run) == 2352
 assert kvm_run.exit.offset == 32 and kvm_run.kvm_valid_regs.offset == 288
 for _cls, _size in STRUCT_SIZES.items():
     assert ctypes.sizeof(_cls) == _size, (_cls.__name__, ctypes.sizeof(_cls), _size)
+
+# --- x86 architectural values the vCPU ioctls use -------------------------------
+APIC_DEFAULT_BASE = 0xFEE00000
+MSR_IA32_APICBASE_BSP = 1 << 8
+MSR_IA32_APICBASE_ENABLE = 1 << 11
+APIC_BASE_RESET = APIC_DEFAULT_BASE | MSR_IA32_APICBASE_ENABLE | MSR_IA32_APICBASE_BSP
+KVM_IDENTITY_MAP_ADDR_DEFAULT = 0xFFFBC000   # where KVM puts the EPT identity map unless told
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+INTERNAL_ERROR_NAMES = {v: k[len("KVM_INTERNAL_ERROR_"):] for k, v in list(globals().items())
+                        if k.startswith("KVM_INTERNAL_ERROR_") and isinstance(v, int)}

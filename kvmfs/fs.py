@@ -32,7 +32,8 @@ import traceback
 
 import fuse as fusepy
 
-from kvmfs import commands, procmem, views
+from kvmfs import abi, commands, ioctls, procmem, views
+from kvmfs.caller import Caller
 from kvmfs.errors import KvmError
 
 log = logging.getLogger("kvmfs.fs")
@@ -61,21 +62,25 @@ _lib.fuse_teardown.restype = None
 _lib.fuse_teardown.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _get_context = _lib.fuse_get_context
 
+_lib.fuse_interrupted.restype = ctypes.c_int
+_lib.fuse_interrupted.argtypes = []
+
 # Kinds of node
 DIR, SYSTEM, SYSCMD, VMCTL, VMCMD, VCPU, VCPUCMD, RUNLINK, MEM, VIEW = range(10)
-IOCTL_KINDS = (SYSTEM, VMCTL, VCPU)
+FD_KIND = {SYSTEM: ioctls.SYSTEM, VMCTL: ioctls.VM, VCPU: ioctls.VCPU}
 REF_KINDS = (VMCTL, VCPU)           # the files that stand for KVM's VM and vCPU fds
+OWNER_KINDS = (MEM, RUNLINK)        # files that reach guest state: the VM's owner only
+CMD_KINDS = (SYSCMD, VMCMD, VCPUCMD)
 
 
-class Ctx:
-    """Who is calling: the thread (FUSE gives a thread id) and its process."""
-    __slots__ = ("pid", "tgid", "uid")
+def _interrupted():
+    return _lib.fuse_interrupted() != 0
 
-    def __init__(self):
-        c = _get_context().contents
-        self.pid = c.pid
-        self.uid = c.uid
-        self.tgid = procmem.tgid_of(c.pid) or c.pid
+
+def caller():
+    """The Caller of the FUSE request this thread is serving."""
+    c = _get_context().contents
+    return Caller(c.pid, c.uid, c.gid, interrupted=_interrupted)
 
 
 class Node:
@@ -86,14 +91,15 @@ class Node:
 
 
 class Handle:
-    __slots__ = ("node", "obj", "ioctls", "unknown_errno", "vm", "reply", "cursor", "text")
+    """An open file.  It holds its VM (Vm.hold) until released, so nothing it can
+    reach is freed under a request; a VM or vCPU file also counts as a KVM fd."""
+    __slots__ = ("node", "obj", "kind", "vm", "reply", "cursor", "text")
 
     def __init__(self, node, obj):
         self.node = node
         self.obj = obj
+        self.kind = FD_KIND.get(node.kind)
         self.vm = node.vm
-        self.ioctls = getattr(obj, "IOCTLS", None)
-        self.unknown_errno = getattr(obj, "UNKNOWN_IOCTL_ERRNO", errno.ENOTTY)
         self.reply = None        # text-command answer waiting to be read
         self.cursor = 0          # how much of it was read: answers ignore the file offset,
                                  # which the command written before them has moved
@@ -108,15 +114,25 @@ def _parse_id(name, prefix):
 
 
 class KvmFs:
-    """The operations behind the mount (called from fuse_operations callbacks)."""
+    """The operations behind the mount (called from fuse_operations callbacks).
 
-    def __init__(self, system):
+    Access (the /dev/kvm model): MNT/kvm and MNT/cmd belong to the user who
+    mounted, mode access_mode (0600 unless --mode/--group open it); everything
+    of a VM belongs to the VM's owner, mode 0600 (views 0400): the kernel checks
+    these (default_permissions), and the daemon checks the owner itself where a
+    user is not enough (guest memory and kvm_run: the owning process only).
+    """
+
+    def __init__(self, system, access_mode=0o600, access_gid=None):
         self.system = system
         self.handles = {}
         self.next_fh = 1
         self.fh_lock = threading.Lock()
         self.mount_time = time.time()
         self.uid, self.gid = os.getuid(), os.getgid()
+        self.access_mode = access_mode
+        self.access_gid = self.gid if access_gid is None else access_gid
+        self.reported = set()    # (fd kind, ioctl) not answered, logged once each
 
     # --- the tree ---------------------------------------------------------------------
     def resolve(self, path):
@@ -171,8 +187,7 @@ class KvmFs:
         if node.vm is None:
             if node.view == "system":
                 return list(views.SYSTEM_VIEWS)
-            return ["kvm", "cmd", "info"] + [f"vm{i}" for i, vm in sorted(self.system.vms.items())
-                                            if not vm.dead]
+            return ["kvm", "cmd", "info"] + [f"vm{i}" for i, _ in self.system.live_vms()]
         vm = node.vm
         if node.view == "as1":
             return ["mem"]
@@ -191,26 +206,36 @@ class KvmFs:
         t = self.mount_time
         st = {"st_atime": t, "st_mtime": t, "st_ctime": t, "st_uid": self.uid, "st_gid": self.gid,
               "st_nlink": 1, "st_size": 0}
-        if node.vm is not None and node.vm.owner_uid is not None:
-            st["st_uid"] = node.vm.owner_uid
-        if node.kind == DIR:
-            st.update(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
-        elif node.kind == RUNLINK:
-            st.update(st_mode=stat.S_IFLNK | 0o777, st_size=len(node.vcpu.run_path))
+        if node.vm is not None:
+            if node.vm.owner_uid is not None:
+                st["st_uid"] = node.vm.owner_uid
+            mode = {DIR: stat.S_IFDIR | 0o700, RUNLINK: stat.S_IFLNK | 0o777,
+                    VIEW: stat.S_IFREG | 0o400}.get(node.kind, stat.S_IFREG | 0o600)
+        elif node.kind == DIR:
+            mode = stat.S_IFDIR | 0o755
         elif node.kind == VIEW:
-            st.update(st_mode=stat.S_IFREG | 0o444)
-        elif node.kind == SYSTEM:
-            st.update(st_mode=stat.S_IFREG | 0o666)
-        elif node.kind == SYSCMD:
-            st.update(st_mode=stat.S_IFREG | 0o666)
-        else:
-            st.update(st_mode=stat.S_IFREG | 0o600)
+            mode = stat.S_IFREG | 0o444
+        else:                                   # kvm, cmd: the /dev/kvm node
+            st["st_gid"] = self.access_gid
+            mode = stat.S_IFREG | self.access_mode
+        st["st_mode"] = mode
+        if node.kind == DIR:
+            st["st_nlink"] = 2
+        elif node.kind == RUNLINK:
+            st["st_size"] = len(node.vcpu.run_path)
         return st
+
+    def _check_owner(self, node, op):
+        node.vm.check_owner(caller(), op)
 
     def readlink(self, path):
         node = self.resolve(path)
         if node is None or node.kind != RUNLINK:
             raise KvmError(errno.EINVAL, "readlink", path, warn=False)
+        try:
+            self._check_owner(node, "readlink")
+        except KvmError as e:
+            raise KvmError(errno.EACCES, "readlink", f"{path}: {e.detail}")
         return node.vcpu.run_path
 
     def open(self, path, flags):
@@ -221,13 +246,25 @@ class KvmFs:
             raise KvmError(errno.EISDIR, "open", path, warn=False)
         if node.kind == VIEW and flags & (os.O_WRONLY | os.O_RDWR):
             raise KvmError(errno.EACCES, "open", f"{path} is read-only", warn=False)
+        if node.kind in OWNER_KINDS:
+            try:
+                self._check_owner(node, "open")
+            except KvmError as e:
+                raise KvmError(errno.EACCES, "open", f"{path}: {e.detail}")
         obj = {SYSTEM: self.system, SYSCMD: self.system, VMCTL: node.vm, VMCMD: node.vm,
                VCPU: node.vcpu, VCPUCMD: node.vcpu}.get(node.kind)
         h = Handle(node, obj)
-        if node.kind == VIEW:
-            h.text = views.render(self.system, node.vm, node.view).encode()
-        if node.kind in REF_KINDS:
-            node.vm.get_ref()
+        if node.vm is not None and not node.vm.hold():
+            raise KvmError(errno.ENOENT, "open", f"{path}: the VM is gone", warn=False)
+        try:
+            if node.kind == VIEW:
+                h.text = views.render(self.system, node.vm, node.view, caller()).encode()
+            if node.kind in REF_KINDS:
+                node.vm.get_ref()
+        except BaseException:
+            if node.vm is not None:
+                node.vm.unhold()
+            raise
         return self._new_handle(h)
 
     def opendir(self, path):
@@ -236,9 +273,10 @@ class KvmFs:
             raise KvmError(errno.ENOENT, "opendir", path, warn=False)
         if node.kind != DIR:
             raise KvmError(errno.ENOTDIR, "opendir", path, warn=False)
-        return self._new_handle(Handle(node, None))
+        return self._new_handle(Handle(Node(DIR, view=node.view), None) if node.vm is None
+                                else Handle(node, None), hold=False)
 
-    def _new_handle(self, h):
+    def _new_handle(self, h, hold=True):
         with self.fh_lock:
             fh = self.next_fh
             self.next_fh += 1
@@ -246,18 +284,35 @@ class KvmFs:
         return fh
 
     def release(self, fh):
-        h = self.handles.pop(fh, None)
-        if h is not None and h.node.kind in REF_KINDS:
+        with self.fh_lock:
+            h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.node.kind in REF_KINDS:
             h.vm.put_ref()
+        if h.vm is not None:
+            h.vm.unhold()
+
+    def releasedir(self, fh):
+        with self.fh_lock:
+            self.handles.pop(fh, None)
+
+    def readdir(self, fh):
+        h = self.handles[fh]
+        node = h.node
+        if node.vm is not None and node.vm.dead:
+            return []
+        return self.listdir(node)
 
     def read(self, fh, size, offset):
         h = self.handles[fh]
         kind = h.node.kind
         if kind == MEM:
+            self._check_owner(h.node, "read guest memory")
             return h.vm.access_gpa(h.node.as_id, offset, size)
         if kind == VIEW:
             return h.text[offset:offset + size]
-        if kind in (SYSCMD, VMCMD, VCPUCMD):
+        if kind in CMD_KINDS:
             if h.reply is None:
                 h.reply = commands.last_reply(h.obj)
             text = h.reply.encode()[h.cursor:h.cursor + size]
@@ -269,10 +324,11 @@ class KvmFs:
         h = self.handles[fh]
         kind = h.node.kind
         if kind == MEM:
+            self._check_owner(h.node, "write guest memory")
             return h.vm.access_gpa(h.node.as_id, offset, len(data), data)
-        if kind in (SYSCMD, VMCMD, VCPUCMD):
+        if kind in CMD_KINDS:
             h.reply, h.cursor = None, 0
-            h.reply = commands.execute(h.obj, Ctx(), data.decode(errors="replace"))
+            h.reply = commands.execute(h.obj, caller(), data.decode(errors="replace"))
             return len(data)
         raise KvmError(errno.EINVAL, "write", "not a writable file", warn=False)
 
@@ -280,19 +336,34 @@ class KvmFs:
         node = self.resolve(path)
         if node is None:
             raise KvmError(errno.ENOENT, "truncate", path, warn=False)
-        if node.kind not in (SYSCMD, VMCMD, VCPUCMD, MEM):
+        if node.kind not in CMD_KINDS + (MEM,):
             raise KvmError(errno.EINVAL, "truncate", path, warn=False)
 
     def ioctl(self, fh, cmd, arg, data):
+        """One ioctl on an open file: owner check, then the handler of the table's row.
+
+        `data` is libfuse's buffer of ioc_size(cmd) bytes: the caller's struct for
+        _IOW/_IOWR, uninitialised for _IOR; whatever it holds when this returns is
+        copied back to the caller for _IOR/_IOWR, even with an error (see
+        ioctl_cb, which restores the caller's bytes then).
+        """
         h = self.handles[fh]
-        ctx = Ctx()
-        if h.node.kind in (VMCTL, VCPU):
-            h.vm.check_owner(ctx)
-        handler = h.ioctls.get(cmd) if h.ioctls is not None else None
-        if handler is None:
-            raise KvmError(h.unknown_errno, "ioctl", f"unknown ioctl 0x{cmd:08x} on {h.node.kind}",
+        ctx = caller()
+        if h.kind is None:
+            raise KvmError(errno.ENOTTY, "ioctl", f"{ioctls.name_of(cmd)} on a file that takes none",
                            warn=False)
-        return handler(h.obj, ctx, arg, data)
+        if h.kind != ioctls.SYSTEM:
+            h.vm.check_owner(ctx)
+        row = ioctls.BY_FD[h.kind].get(cmd)
+        if row is None:
+            key = (h.kind, cmd)
+            if key not in self.reported:
+                self.reported.add(key)
+                log.info("%s on a %s fd: not implemented", ioctls.name_of(cmd), h.kind)
+            raise KvmError(ioctls.UNKNOWN_ERRNO[h.kind], "ioctl", ioctls.name_of(cmd), warn=False)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s on %s fd (pid %d, arg 0x%x)", row.name, h.kind, ctx.pid, arg)
+        return getattr(h.obj, row.handler)(ctx, arg, data)
 
 
 # ------------------------------------------------------------------------------------
@@ -307,6 +378,15 @@ def _errno_of(exc, op):
         return exc.errno
     log.error("bug in %s: %s\n%s", op, exc, traceback.format_exc())
     return errno.EIO
+
+
+def _restore_caller_bytes(data, addr, size):
+    """Put the caller's current bytes at addr into libfuse's reply buffer (zeros if
+    they cannot be read), so that the copy-out after an error changes nothing."""
+    try:
+        ctypes.memmove(data, procmem.read(_get_context().contents.pid, addr, size), size)
+    except (KvmError, OSError):
+        ctypes.memset(data, 0, size)
 
 
 def _fill_stat(st, attrs):
@@ -384,24 +464,40 @@ def build_operations(fs):
 
     @guarded("readdir")
     def readdir_cb(path, buf, filler, offset, fip):
-        for name in [".", ".."] + fs.listdir(fs.handles[fip.contents.fh].node):
+        for name in [".", ".."] + fs.readdir(fip.contents.fh):
             if filler(buf, name.encode(), None, 0) != 0:
                 break
         return 0
 
     @guarded("releasedir")
     def releasedir_cb(path, fip):
-        fs.handles.pop(fip.contents.fh, None)
+        fs.releasedir(fip.contents.fh)
         return 0
 
     @guarded("utimens")
     def utimens_cb(path, times):
         return 0
 
-    @guarded("ioctl")
     def ioctl_cb(path, cmd, arg, fip, flags, data):
-        return fs.ioctl(fip.contents.fh, cmd, arg or 0, data)
+        # libfuse replies with the whole out buffer even when the result is an error,
+        # and the kernel copies it to the caller before returning the errno.  So an
+        # _IOR buffer (uninitialised heap) starts zeroed, and after an error the
+        # caller's own bytes are put back: a failed ioctl leaves the caller's memory
+        # as it was, as in KVM, and never shows it daemon memory.
+        cmd &= 0xFFFFFFFF
+        size = abi.ioc_size(cmd) if data else 0
+        readback = size and abi.ioc_dir(cmd) & abi.IOC_READ
+        if readback and not abi.ioc_dir(cmd) & abi.IOC_WRITE:
+            ctypes.memset(data, 0, size)
+        try:
+            return fs.ioctl(fip.contents.fh, cmd, arg or 0, data)
+        except BaseException as e:  # noqa: BLE001 -- every failure becomes an errno
+            err = _errno_of(e, "ioctl")
+        if readback:
+            _restore_caller_bytes(data, arg or 0, size)
+        return -err
 
+    ioctl_cb = t["ioctl"](ioctl_cb)
     table = ops()
     for name, cb in (("getattr", getattr_cb), ("readlink", readlink_cb), ("open", open_cb),
                      ("release", release_cb), ("read", read_cb), ("write", write_cb),
@@ -431,10 +527,11 @@ class Server:
         self.idle = 0
         self.workers = 0
         self.done = threading.Event()
-        opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions", "allow_other")
-                        + tuple(options))
-        if os.getuid() != 0:
-            opts = opts.replace(",allow_other", "")
+        # allow_other only when the mount is opened to others (--mode/--group): by
+        # default only the user who mounted reaches it at all, as /dev/kvm is 0600.
+        opened = fs.access_mode & 0o077 or fs.access_gid != fs.gid
+        opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions")
+                        + (("allow_other",) if opened else ()) + tuple(options))
         args = [b"kvmfs", b"-f", b"-o", opts.encode(), mountpoint.encode()]
         self._argv = (ctypes.c_char_p * len(args))(*args)
         self._mnt = ctypes.c_char_p()

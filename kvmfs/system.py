@@ -1,7 +1,7 @@
 """The /dev/kvm analogue: system ioctls and the table of live VMs.
 
-Owns: VM ids and the Vm objects.  Lock order: System.lock, then a Vm's lock,
-then the native mmu_lock (taken inside C).
+Owns: VM ids and the table of LIVE Vm objects (vm.py has the lifetime and the
+daemon's lock order).
 """
 import errno
 import itertools
@@ -17,8 +17,6 @@ log = logging.getLogger("kvmfs.system")
 
 class System:
     """All VMs of one mount."""
-
-    UNKNOWN_IOCTL_ERRNO = errno.EINVAL   # spec 3.1: the system fd answers EINVAL, not ENOTTY
 
     def __init__(self, run_dir):
         self.lock = threading.Lock()
@@ -44,11 +42,12 @@ class System:
     def create_vm(self, ctx, arg, data):
         """KVM_CREATE_VM (system): type -> VM id N (open MNT/vmN/ctl for the VM fd).
 
-        EINVAL for a type outside KVM_CAP_VM_TYPES.
+        EINVAL for a type outside KVM_CAP_VM_TYPES.  From a text command the VM
+        belongs to the caller's user, not to the process (vm.py).
         """
         check(arg < 64 and abi.CAPS[abi.KVM_CAP_VM_TYPES] >> arg & 1, errno.EINVAL,
               "KVM_CREATE_VM", f"unsupported VM type {arg}")
-        return self.new_vm(ctx.tgid).id
+        return self.new_vm(ctx.tgid, ctx.uid if ctx.shell else None).id
 
     def get_supported_cpuid(self, ctx, arg, data):
         """KVM_GET_SUPPORTED_CPUID (system): fills the caller's kvm_cpuid2 entries.
@@ -58,21 +57,16 @@ class System:
         from kvmfs import vcpu
         return vcpu.get_supported_cpuid(ctx, arg, data)
 
-    IOCTLS = {
-        abi.KVM_GET_API_VERSION: get_api_version,
-        abi.KVM_CHECK_EXTENSION: check_extension,
-        abi.KVM_GET_VCPU_MMAP_SIZE: get_vcpu_mmap_size,
-        abi.KVM_CREATE_VM: create_vm,
-        abi.KVM_GET_SUPPORTED_CPUID: get_supported_cpuid,
-    }
-
     # --- lifetime -----------------------------------------------------------------
-    def new_vm(self, owner_pid):
+    def new_vm(self, owner_pid, shell_uid=None):
+        """A LIVE VM owned by process owner_pid (or, for shell_uid, by that user)."""
         with self.lock:
             vm_id = next(self._ids)
-            vm = Vm(self, vm_id, owner_pid)
+        vm = Vm(self, vm_id, owner_pid, shell_uid)
+        with self.lock:
             self.vms[vm_id] = vm
-        log.info("vm%d created by pid %d", vm_id, owner_pid)
+        who = f"uid {shell_uid} (shell)" if shell_uid is not None else f"pid {owner_pid}"
+        log.info("vm%d created by %s", vm_id, who)
         return vm
 
     def get_vm(self, vm_id):
@@ -81,20 +75,25 @@ class System:
             raise KvmError(errno.ENOENT, "lookup", f"no vm{vm_id}", warn=False)
         return vm
 
+    def live_vms(self):
+        """A snapshot of the table, sorted by id (views hold each VM while reading it)."""
+        with self.lock:
+            return sorted(self.vms.items())
+
     def destroy_vm(self, vm, why):
         with self.lock:
             if self.vms.get(vm.id) is not vm:
                 return
             del self.vms[vm.id]
         vm.destroy()
-        log.info("vm%d freed (%s)", vm.id, why)
+        log.info("vm%d destroyed (%s)", vm.id, why)
 
     def reap(self):
         """Free VMs nobody can reach any more: never opened and their creator exited."""
-        for vm in list(self.vms.values()):
+        for _, vm in self.live_vms():
             if vm.unreachable():
                 self.destroy_vm(vm, f"creator pid {vm.owner_pid} exited without opening it")
 
     def destroy_all(self):
-        for vm in list(self.vms.values()):
+        for _, vm in self.live_vms():
             self.destroy_vm(vm, "unmount")

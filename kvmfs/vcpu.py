@@ -7,22 +7,31 @@ pages: exit data is visible the moment KVM_RUN returns, and the client's
 writes (IN data, MMIO read data, immediate_exit) are seen by the next run
 without any copy.  KVM_RUN runs in the FUSE worker thread that serves it; the
 GIL is released inside C for the whole emulation.
+
+Lock: Vcpu.lock is KVM's vcpu->mutex (every vCPU ioctl holds it); it comes
+before the host-memory lock and the mmu_lock (see vm.py for the whole order).
 """
+import ctypes
 import errno
-import logging
 import functools
+import logging
 import mmap
 import os
 import threading
 
-from kvmfs import abi, procmem
-from kvmfs._native import ensure, ffi, lib
+from kvmfs import _native as native, abi, procmem
 from kvmfs.errors import KvmError, check
 
 log = logging.getLogger("kvmfs.vcpu")
 
+MAX_IO_MSRS = 256                      # KVM refuses nmsrs >= this with E2BIG (x86.c)
+_MSR_SIZE = ctypes.sizeof(abi.kvm_msr_entry)
+_CPUID_SIZE = ctypes.sizeof(abi.kvm_cpuid_entry2)
+_MSRS_HDR = ctypes.sizeof(abi.kvm_msrs)      # the entries follow the header in the caller's memory
+_CPUID_HDR = ctypes.sizeof(abi.kvm_cpuid2)
 
-def _serialized(handler):
+
+def serialized(handler):
     """vCPU ioctls run one at a time per vCPU, as under KVM's vcpu->mutex: a
     KVM_GET_REGS issued while KVM_RUN is in the guest waits for the exit."""
     @functools.wraps(handler)
@@ -33,13 +42,21 @@ def _serialized(handler):
 
 
 class Vcpu:
-    UNKNOWN_IOCTL_ERRNO = errno.EINVAL   # spec 3.3: vCPU fds answer EINVAL, not ENOTTY
+    """One vCPU.  Attributes: vm, id, lock (KVM's vcpu->mutex), kvm_run (the
+    struct kvm_run over run_map), native (the C vCPU, NULL once freed).
+
+    Lifetime: created by KVM_CREATE_VCPU; its engine is freed only with its VM's
+    memory (Vm.free), when no request can be running it any more.
+    """
 
     def __init__(self, vm, vcpu_id):
         self.vm = vm
         self.id = vcpu_id
         self.lock = threading.Lock()
-        self.run_path = os.path.join(vm.system.run_dir, f"vm{vm.id}-vcpu{vcpu_id}.run")
+        # An unguessable name: the run directory cannot be listed, and only the VM's
+        # owner is told the name (fs.py answers readlink for it alone).
+        self.run_path = os.path.join(vm.system.run_dir,
+                                     f"vm{vm.id}-vcpu{vcpu_id}-{os.urandom(12).hex()}.run")
         fd = os.open(self.run_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, abi.VCPU_MMAP_SIZE)
@@ -49,180 +66,186 @@ class Vcpu:
         finally:
             os.close(fd)
         # Lifetime: run_cdata pins run_map's buffer for as long as the native vCPU lives.
-        self.run_cdata = ffi.from_buffer(self.run_map)
-        self.run = ffi.cast("struct kvm_run *", self.run_cdata)
-        self.native = lib.kvmfs_vcpu_new(vm.mmu, vcpu_id, self.run)
-        if self.native == ffi.NULL:
-            raise KvmError(errno.ENOMEM, "KVM_CREATE_VCPU", "cannot create the emulator")
-        self.run.apic_base = 0xFEE00900
+        self.run_cdata = native.from_buffer(self.run_map)
+        self.kvm_run = native.cast("struct kvm_run *", self.run_cdata)
+        try:
+            self.native = native.vcpu_new(vm.mmu, vcpu_id, self.kvm_run)
+        except KvmError:
+            self.native = native.NULL
+            self.free()
+            raise
+        self.kvm_run.apic_base = abi.APIC_BASE_RESET
 
-    def destroy(self):
-        if self.native != ffi.NULL:
-            lib.kvmfs_vcpu_free(self.native)
-            self.native = ffi.NULL
+    def free(self):
+        """Free the engine and the kvm_run area (only from Vm.free: nothing runs it)."""
+        if self.native != native.NULL:
+            native.vcpu_free(self.native)
+            self.native = native.NULL
         try:
             os.unlink(self.run_path)
         except OSError:
             pass
-        del self.run, self.run_cdata
-        try:
-            self.run_map.close()
-        except BufferError:
-            pass
+        del self.kvm_run, self.run_cdata
+        self.run_map.close()
+
+    def kick(self):
+        """Make a running KVM_RUN return (KVM_EXIT_INTR) before its next instruction."""
+        if self.native != native.NULL:
+            native.vcpu_kick(self.native)
 
     def _engine(self, op):
-        if self.native == ffi.NULL:
+        if self.native == native.NULL:
             raise KvmError(errno.EIO, op, "the vCPU was destroyed")
         return self.native
 
-    # --- vCPU ioctls --------------------------------------------------------------------
-    def run_ioctl(self, ctx, arg, data):
-        """KVM_RUN (vcpu): run the guest until its next exit (run->exit_reason).
+    # --- vCPU ioctls (KVM's vcpu->mutex held: see serialized) ------------------------
+    @serialized
+    def run(self, ctx, arg, data):
+        """KVM_RUN (vcpu): run the guest until its next exit (kvm_run.exit_reason).
 
-        EINVAL: arg != 0, cr8 > 15; EINTR: a signal or immediate_exit; EFAULT:
-        guest memory the daemon cannot reach (one log line says why).
+        EINVAL: arg != 0; EINTR (exit_reason INTR): a signal or immediate_exit,
+        also a signal that came while the request was on its way to the engine;
+        EFAULT: guest memory the daemon cannot reach (one log line says why);
+        EIO: the VM was killed.
         """
         check(arg == 0, errno.EINVAL, "KVM_RUN", f"arg {arg}")
         v = self._engine("KVM_RUN")
         while True:
-            rc = lib.kvmfs_vcpu_run(v)
-            if rc == lib.KVMFS_RUN_VM_DEAD:
-                where = lib.kvmfs_vcpu_miss_hva(v)
+            if ctx.interrupted():
+                # FUSE delivered the caller's signal before the engine ran: libfuse took
+                # the INTERRUPT while dispatching and sends no signal for it.  KVM ends
+                # KVM_RUN on any pending signal, so this one must too.
+                self.kvm_run.exit_reason = abi.KVM_EXIT_INTR
+                raise KvmError(errno.EINTR, "KVM_RUN", "interrupted", warn=False)
+            rc = native.vcpu_run(v)
+            if rc == native.RUN_VM_DEAD:
+                where = native.vcpu_miss_hva(v)
                 self.vm.kill(f"vcpu{self.id}: SMI state save at gpa 0x{where:x} has no writable "
                              "memslot in address space 1")
                 raise KvmError(errno.EIO, "KVM_RUN", "the VM is dead", warn=False)
-            if rc != lib.KVMFS_RUN_NEED_HVA:
-                return ensure(rc, "KVM_RUN", warn=rc not in (-errno.EINTR,))
+            if rc != native.RUN_NEED_HVA:
+                return native.ensure(rc, "KVM_RUN", warn=rc != -errno.EINTR)
             try:
-                self.vm.hostmem.resolve(lib.kvmfs_vcpu_miss_hva(v), f"KVM_RUN vm{self.vm.id}/vcpu{self.id}")
-            except KvmError as e:
-                self.run.exit_reason = abi.KVM_EXIT_UNKNOWN
-                raise e
+                self.vm.hostmem.resolve(native.vcpu_miss_hva(v),
+                                        f"KVM_RUN vm{self.vm.id}/vcpu{self.id}")
+            except KvmError:
+                self.kvm_run.exit_reason = abi.KVM_EXIT_UNKNOWN
+                raise
 
-    def _state(self, ctype, fn, op, data):
+    def _state(self, what, ctype, op, data):
         """Get or set one register block in place in the FUSE argument buffer."""
-        ensure(fn(self._engine(op), ffi.cast(ctype + " *", data)), op)
+        native.vcpu_state(self._engine(op), what, ctype, data, op)
         return 0
 
+    @serialized
     def get_regs(self, ctx, arg, data):
         """KVM_GET_REGS (vcpu): general registers, RIP and RFLAGS."""
-        return self._state("struct kvm_regs", lib.kvmfs_vcpu_get_regs, "KVM_GET_REGS", data)
+        return self._state("get_regs", "struct kvm_regs", "KVM_GET_REGS", data)
 
+    @serialized
     def set_regs(self, ctx, arg, data):
         """KVM_SET_REGS (vcpu)."""
-        return self._state("struct kvm_regs", lib.kvmfs_vcpu_set_regs, "KVM_SET_REGS", data)
+        return self._state("set_regs", "struct kvm_regs", "KVM_SET_REGS", data)
 
+    @serialized
     def get_sregs(self, ctx, arg, data):
         """KVM_GET_SREGS (vcpu): segments, descriptor tables, control registers, EFER."""
-        return self._state("struct kvm_sregs", lib.kvmfs_vcpu_get_sregs, "KVM_GET_SREGS", data)
+        return self._state("get_sregs", "struct kvm_sregs", "KVM_GET_SREGS", data)
 
+    @serialized
     def set_sregs(self, ctx, arg, data):
         """KVM_SET_SREGS (vcpu): EINVAL for control state hardware would refuse."""
-        return self._state("struct kvm_sregs", lib.kvmfs_vcpu_set_sregs, "KVM_SET_SREGS", data)
+        return self._state("set_sregs", "struct kvm_sregs", "KVM_SET_SREGS", data)
 
+    @serialized
     def get_fpu(self, ctx, arg, data):
         """KVM_GET_FPU (vcpu)."""
-        return self._state("struct kvm_fpu", lib.kvmfs_vcpu_get_fpu, "KVM_GET_FPU", data)
+        return self._state("get_fpu", "struct kvm_fpu", "KVM_GET_FPU", data)
 
+    @serialized
     def set_fpu(self, ctx, arg, data):
         """KVM_SET_FPU (vcpu)."""
-        return self._state("struct kvm_fpu", lib.kvmfs_vcpu_set_fpu, "KVM_SET_FPU", data)
+        return self._state("set_fpu", "struct kvm_fpu", "KVM_SET_FPU", data)
 
+    @serialized
     def interrupt(self, ctx, arg, data):
         """KVM_INTERRUPT (vcpu): queue an external interrupt; EINVAL for irq >= 256."""
         irq = abi.kvm_interrupt.from_address(data).irq
         check(irq < 256, errno.EINVAL, "KVM_INTERRUPT", f"irq {irq}")
-        ensure(lib.kvmfs_vcpu_interrupt(self._engine("KVM_INTERRUPT"), irq), "KVM_INTERRUPT")
+        native.vcpu_interrupt(self._engine("KVM_INTERRUPT"), irq)
         return 0
 
-    def _msrs(self, ctx, arg, data, op, fn):
-        hdr = abi.kvm_msrs.from_address(data)
-        n = hdr.nmsrs
-        check(n <= 1024, errno.E2BIG, op, f"{n} msrs")
-        esize = abi.STRUCT_SIZES[abi.kvm_msr_entry]
-        entries = ffi.new("struct kvm_msr_entry[]", max(n, 1))
-        addr = int(ffi.cast("uintptr_t", entries))
-        procmem.read_into(ctx.pid, arg + 8, addr, n * esize, op)
-        done = ensure(fn(self._engine(op), entries, n), op)
-        if fn is lib.kvmfs_vcpu_get_msrs:
-            procmem.write(ctx.pid, arg + 8, (addr, n * esize), op)
+    def _msrs(self, ctx, arg, data, op, write):
+        n = abi.kvm_msrs.from_address(data).nmsrs
+        check(n < MAX_IO_MSRS, errno.E2BIG, op, f"{n} msrs (at most {MAX_IO_MSRS - 1})")
+        entries = native.new("struct kvm_msr_entry[]", max(n, 1))
+        procmem.read_into(ctx.pid, arg + _MSRS_HDR, native.addr(entries), n * _MSR_SIZE, op)
+        done = native.vcpu_msrs(self._engine(op), entries, n, write, op)
+        if not write:
+            procmem.write(ctx.pid, arg + _MSRS_HDR, (native.addr(entries), n * _MSR_SIZE), op)
         return done
 
+    @serialized
     def get_msrs(self, ctx, arg, data):
-        """KVM_GET_MSRS (vcpu): fills the entries that follow kvm_msrs; returns how many."""
-        return self._msrs(ctx, arg, data, "KVM_GET_MSRS", lib.kvmfs_vcpu_get_msrs)
+        """KVM_GET_MSRS (vcpu): fills the entries that follow kvm_msrs; returns how many.
+        E2BIG: nmsrs >= 256; EFAULT: entries not readable or writable."""
+        return self._msrs(ctx, arg, data, "KVM_GET_MSRS", write=False)
 
+    @serialized
     def set_msrs(self, ctx, arg, data):
-        """KVM_SET_MSRS (vcpu): returns how many entries were set."""
-        return self._msrs(ctx, arg, data, "KVM_SET_MSRS", lib.kvmfs_vcpu_set_msrs)
+        """KVM_SET_MSRS (vcpu): returns how many entries were set (it stops at the
+        first refused).  E2BIG: nmsrs >= 256; EFAULT: entries not readable."""
+        return self._msrs(ctx, arg, data, "KVM_SET_MSRS", write=True)
 
+    @serialized
     def set_cpuid2(self, ctx, arg, data):
         """KVM_SET_CPUID2 (vcpu): E2BIG above 256 entries; the entries come from the caller."""
         op = "KVM_SET_CPUID2"
         n = abi.kvm_cpuid2.from_address(data).nent
         check(n <= abi.KVM_MAX_CPUID_ENTRIES, errno.E2BIG, op, f"{n} entries")
-        entries = ffi.new("struct kvm_cpuid_entry2[]", max(n, 1))
-        procmem.read_into(ctx.pid, arg + 8, int(ffi.cast("uintptr_t", entries)), n * 40, op)
-        ensure(lib.kvmfs_vcpu_set_cpuid(self._engine(op), entries, n), op)
+        entries = native.new("struct kvm_cpuid_entry2[]", max(n, 1))
+        procmem.read_into(ctx.pid, arg + _CPUID_HDR, native.addr(entries), n * _CPUID_SIZE, op)
+        native.vcpu_set_cpuid(self._engine(op), entries, n)
         return 0
 
+    @serialized
     def set_guest_debug(self, ctx, arg, data):
         """KVM_SET_GUEST_DEBUG (vcpu): single-step (ENABLE|SINGLESTEP) with KVM_EXIT_DEBUG."""
         dbg = abi.kvm_guest_debug.from_address(data)
-        ensure(lib.kvmfs_vcpu_set_guest_debug(self._engine("KVM_SET_GUEST_DEBUG"), dbg.control),
-               "KVM_SET_GUEST_DEBUG")
+        native.vcpu_set_guest_debug(self._engine("KVM_SET_GUEST_DEBUG"), dbg.control)
         return 0
 
+    @serialized
     def smi(self, ctx, arg, data):
         """KVM_SMI (vcpu): queue a system-management interrupt, taken by the next
         KVM_RUN (or right after RSM when the vCPU is in SMM)."""
-        ensure(lib.kvmfs_vcpu_smi(self._engine("KVM_SMI")), "KVM_SMI")
+        native.vcpu_smi(self._engine("KVM_SMI"))
         return 0
 
+    @serialized
     def get_vcpu_events(self, ctx, arg, data):
         """KVM_GET_VCPU_EVENTS (vcpu): queued exception and interrupt, shadow, SMM state."""
-        return self._state("struct kvm_vcpu_events", lib.kvmfs_vcpu_get_events,
-                           "KVM_GET_VCPU_EVENTS", data)
+        return self._state("get_events", "struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS", data)
 
+    @serialized
     def set_vcpu_events(self, ctx, arg, data):
         """KVM_SET_VCPU_EVENTS (vcpu): EINVAL for unknown flags, an exception vector
         above 31 or NMI, and for NMIs (not modelled)."""
-        return self._state("struct kvm_vcpu_events", lib.kvmfs_vcpu_set_events,
-                           "KVM_SET_VCPU_EVENTS", data)
-
-    IOCTLS = {
-        abi.KVM_RUN: run_ioctl,
-        abi.KVM_GET_REGS: get_regs,
-        abi.KVM_SET_REGS: set_regs,
-        abi.KVM_GET_SREGS: get_sregs,
-        abi.KVM_SET_SREGS: set_sregs,
-        abi.KVM_GET_FPU: get_fpu,
-        abi.KVM_SET_FPU: set_fpu,
-        abi.KVM_INTERRUPT: interrupt,
-        abi.KVM_GET_MSRS: get_msrs,
-        abi.KVM_SET_MSRS: set_msrs,
-        abi.KVM_SET_CPUID2: set_cpuid2,
-        abi.KVM_SET_GUEST_DEBUG: set_guest_debug,
-        abi.KVM_SMI: smi,
-        abi.KVM_GET_VCPU_EVENTS: get_vcpu_events,
-        abi.KVM_SET_VCPU_EVENTS: set_vcpu_events,
-    }
-    IOCTLS = {cmd: _serialized(fn) for cmd, fn in IOCTLS.items()}
+        return self._state("set_events", "struct kvm_vcpu_events", "KVM_SET_VCPU_EVENTS", data)
 
     # --- views ---------------------------------------------------------------------
     def stats(self):
-        if self.native == ffi.NULL:
+        if self.native == native.NULL:
             return None
-        st = ffi.new("struct kvmfs_vcpu_stats *")
-        lib.kvmfs_vcpu_get_stats(self.native, st)
-        return st
+        return native.vcpu_get_stats(self.native)
 
 
 def get_supported_cpuid(ctx, arg, data):
+    """KVM_GET_SUPPORTED_CPUID's work (system.py answers the ioctl)."""
     op = "KVM_GET_SUPPORTED_CPUID"
     hdr = abi.kvm_cpuid2.from_address(data)
-    entries = ffi.new("struct kvm_cpuid_entry2[]", abi.KVM_MAX_CPUID_ENTRIES)
-    n = ensure(lib.kvmfs_supported_cpuid(entries, min(hdr.nent, abi.KVM_MAX_CPUID_ENTRIES)), op)
-    procmem.write(ctx.pid, arg + 8, (int(ffi.cast("uintptr_t", entries)), n * 40), op)
+    entries = native.new("struct kvm_cpuid_entry2[]", abi.KVM_MAX_CPUID_ENTRIES)
+    n = native.supported_cpuid(entries, min(hdr.nent, abi.KVM_MAX_CPUID_ENTRIES))
+    procmem.write(ctx.pid, arg + _CPUID_HDR, (native.addr(entries), n * _CPUID_SIZE), op)
     hdr.nent = n
     return 0

@@ -2,11 +2,15 @@
 
 One record a line, `key: value` or whitespace-separated columns with a header,
 so that cat, grep, cut and watch are all a reader needs.
+
+A view of one VM is rendered while the open file holds that VM (fs.py); the
+system views hold each VM while they read it and list only the VMs the reader
+may use (root: all).
 """
+import ctypes
 import json
 
-from kvmfs import abi, hostmem
-from kvmfs._native import ffi, lib
+from kvmfs import _native as native, abi
 
 SYSTEM_VIEWS = ("vms", "caps", "json")
 VM_VIEWS = ("memslots", "vcpus", "stats", "mmu")
@@ -46,9 +50,10 @@ def dirty_names(vm):
             if s.flags & abi.KVM_MEM_LOG_DIRTY_PAGES]
 
 
-def render(system, vm, view):
+def render(system, vm, view, who):
+    """The text of one view for the caller `who` (a Caller)."""
     if vm is None:
-        return {"vms": render_vms, "caps": render_caps, "json": as_json}[view](system)
+        return {"vms": render_vms, "caps": render_caps, "json": as_json}[view](system, who)
     if view.startswith("dirty/"):
         return render_dirty(vm, view[6:])
     if view.startswith("vcpu") and view != "vcpus":
@@ -57,15 +62,29 @@ def render(system, vm, view):
             "mmu": render_mmu, "dirty": lambda vm: "\n".join(dirty_names(vm)) + "\n"}[view](vm)
 
 
-def render_vms(system):
-    lines = ["vm owner_pid vcpus slots refs"]
-    for vm_id, vm in sorted(system.vms.items()):
-        nslots = sum(lib.kvmfs_memslot_count(vm.mmu, a) for a in range(abi.KVM_ADDRESS_SPACE_NUM))
-        lines.append(f"vm{vm_id} {vm.owner_pid} {len(vm.vcpus)} {nslots} {vm.refs}")
+def _visible_vms(system, who):
+    """(id, vm) of the VMs `who` may use, each held while the caller iterates."""
+    for vm_id, vm in system.live_vms():
+        if who.uid != 0 and who.uid != vm.owner_uid:
+            continue
+        with vm.held() as alive:
+            if alive:
+                yield vm_id, vm
+
+
+def owner_text(vm):
+    return f"uid:{vm.owner_uid}" if vm.shell_owned else f"pid:{vm.owner_pid}"
+
+
+def render_vms(system, who):
+    lines = ["vm owner vcpus slots files"]
+    for vm_id, vm in _visible_vms(system, who):
+        nslots = sum(native.memslot_count(vm.mmu, a) for a in range(abi.KVM_ADDRESS_SPACE_NUM))
+        lines.append(f"vm{vm_id} {owner_text(vm)} {len(vm.vcpus)} {nslots} {vm.files}")
     return "\n".join(lines) + "\n"
 
 
-def render_caps(system):
+def render_caps(system, who):
     return "".join(f"{abi.CAP_NAMES.get(nr, nr)}: {val}\n" for nr, val in sorted(abi.CAPS.items()))
 
 
@@ -78,7 +97,7 @@ def slot_rows(vm):
             if vm.hostmem.allocated_by_kvmfs(s.userspace_addr):
                 backing = "kvmfs-allocated shared"
             else:
-                vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
+                vma = vm.hostmem.find_vma(s.userspace_addr) if size else None
                 backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
                     " shared" if vma.perms[3] == "s" else " private")
             rows.append({"as": s.as_id, "slot": s.id, "gpa_start": s.base_gfn << abi.PAGE_SHIFT,
@@ -113,19 +132,21 @@ def vcpu_state(v):
     st = v.stats()
     if st is None:
         return out
-    regs = ffi.new("struct kvm_regs *")
-    sregs = ffi.new("struct kvm_sregs *")
-    events = ffi.new("struct kvm_vcpu_events *")
-    smbase = ffi.new("struct kvm_msr_entry *", {"index": abi.MSR_IA32_SMBASE})
+    regs = abi.kvm_regs()
+    sregs = abi.kvm_sregs()
+    events = abi.kvm_vcpu_events()
+    smbase = abi.kvm_msr_entry(abi.MSR_IA32_SMBASE)
     if not v.lock.acquire(blocking=False):     # in KVM_RUN: registers are the guest's, moving
         out["state"] = "running"
         out["runs"] = st.runs
         return out
     try:
-        lib.kvmfs_vcpu_get_regs(v.native, regs)
-        lib.kvmfs_vcpu_get_sregs(v.native, sregs)
-        lib.kvmfs_vcpu_get_events(v.native, events)
-        lib.kvmfs_vcpu_get_msrs(v.native, smbase, 1)
+        for what, ctype, struct in (("get_regs", "struct kvm_regs", regs),
+                                    ("get_sregs", "struct kvm_sregs", sregs),
+                                    ("get_events", "struct kvm_vcpu_events", events)):
+            native.vcpu_state(v.native, what, ctype, ctypes.addressof(struct), "view")
+        entry = native.cast("struct kvm_msr_entry *", ctypes.addressof(smbase))
+        native.vcpu_msrs(v.native, entry, 1, False, "view")
     finally:
         v.lock.release()
     for name in abi.kvm_regs._fields_:
@@ -168,9 +189,7 @@ def render_vcpu(v):
 
 
 def mmu_stats(vm):
-    st = ffi.new("struct kvmfs_mmu_stats *")
-    lib.kvmfs_mmu_get_stats(vm.mmu, st)
-    return {f: getattr(st, f) for f in dir(st)}
+    return native.mmu_get_stats(vm.mmu)
 
 
 def render_stats(vm):
@@ -188,34 +207,22 @@ def render_stats(vm):
     return "".join(f"{k}: {v}\n" for k, v in out.items())
 
 
-def _native_text(fn, *args):
-    """Text a C view formats (no Python work per page), grown until it fits."""
-    size = 1 << 16
-    while True:
-        buf = ffi.new("char[]", size)
-        n = fn(*args, buf, size)
-        if n < 0:
-            return ""
-        if n <= size:
-            return ffi.unpack(buf, n).decode()
-        size = n + 4096
-
-
 def render_mmu(vm):
-    return _native_text(lib.kvmfs_view_sptes, vm.mmu)
+    return native.view_text("sptes", vm.mmu).decode()
 
 
 def render_dirty(vm, name):
     as_id, sid = (int(x) for x in name.split("."))
-    return _native_text(lib.kvmfs_view_dirty, vm.mmu, as_id, sid)
+    return native.view_text("dirty", vm.mmu, as_id, sid).decode()
 
 
-def as_json(system):
-    """Everything `kvmfs stat --json` prints."""
+def as_json(system, who):
+    """Everything `kvmfs stat --json` prints (of the VMs the reader may use)."""
     out = {"vms": {}}
-    for vm_id, vm in sorted(system.vms.items()):
+    for vm_id, vm in _visible_vms(system, who):
         out["vms"][f"vm{vm_id}"] = {
-            "owner_pid": vm.owner_pid, "memslots": slot_rows(vm),
+            "owner_pid": vm.owner_pid, "owner_uid": vm.owner_uid, "shell_owned": vm.shell_owned,
+            "memslots": slot_rows(vm),
             "vcpus": [vcpu_state(v) for _, v in sorted(vm.vcpus.items())],
             "stats": {**vm.counters, **{f"mmu_{k}": v for k, v in mmu_stats(vm).items()}}}
     return json.dumps(out, indent=1)

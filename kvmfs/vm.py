@@ -1,100 +1,159 @@
 """A VM: its memslots (in the native MMU), host memory, vCPUs and VM ioctls.
 
 Owns: one native kvmfs_mmu, the HostMemory mappings of the creator's memory,
-the vCPUs, the count of open VM/vCPU files.  Lock order: Vm.lock, then the
-native mmu_lock (inside C).  A VM belongs to the process that created it
-(`owner_pid`, a thread-group id): VM and vCPU ioctls from any other process get
-EIO, as in KVM.
+the vCPUs.  A VM belongs to the process that created it (`owner_pid`, a
+thread-group id): VM and vCPU ioctls and every file that reaches its state
+(memory, kvm_run) answer only that process, as KVM compares kvm->mm with
+current->mm (EIO for ioctls).  A VM created through a text command belongs to
+its creator's user instead (`shell_owned`): shell commands run in short-lived
+processes.
 
-Lifetime:  CREATED --open ctl/vcpu--> OPEN --last close--> freed
-           CREATED --creator exits without opening--> freed
+Lock order (the whole daemon; a lock is only taken after the ones above it):
+    Vcpu.lock (KVM's vcpu->mutex)  ->  HostMemory.lock  ->  System.lock
+    ->  Vm.lock  ->  the native mmu_lock (inside C)
+fs.py's handle-table lock and the server's pool lock are leaves: nothing is
+taken while they are held.  In KVM_RUN: Vcpu.lock -> HostMemory.lock ->
+mmu_lock.
+
+Lifetime (KVM: every file and every running call holds a reference; the VM's
+memory goes with the last one):
+    LIVE --last VM/vCPU file closed, creator gone unopened, destroy_vm, unmount-->
+    DEAD (out of the tree; ioctls EIO; running vCPUs kicked out)
+    DEAD --last hold released (open files, requests in flight, views)--> FREED
+`holds` counts the references to the VM's memory: one for the System table
+while LIVE, one per open file of the VM, one per view reading it.  `files`
+counts the open VM and vCPU files (KVM's fds).
 """
 import collections
+import contextlib
 import errno
 import logging
 import threading
 
-from kvmfs import abi, memslots, procmem
-from kvmfs._native import ensure, ffi, lib
+from kvmfs import _native as native, abi, memslots, procmem
 from kvmfs.errors import KvmError, check
 from kvmfs.hostmem import HostMemory
 
 log = logging.getLogger("kvmfs.vm")
 
-SlotInfo = collections.namedtuple(
-    "SlotInfo", "as_id id flags base_gfn npages userspace_addr dirty_count")
+SlotInfo = collections.namedtuple("SlotInfo", native.SLOT_FIELDS)
 
 
 class Vm:
-    UNKNOWN_IOCTL_ERRNO = errno.ENOTTY   # spec 3.2: VM fds answer ENOTTY
-
-    def __init__(self, system, vm_id, owner_pid):
+    def __init__(self, system, vm_id, owner_pid, shell_uid=None):
         self.system = system
         self.id = vm_id
         self.owner_pid = owner_pid
         self.owner_start = procmem.process_start_time(owner_pid)
-        self.owner_uid = procmem.owner_uid(owner_pid)
+        self.owner_uid = procmem.owner_uid(owner_pid) if shell_uid is None else shell_uid
+        self.shell_owned = shell_uid is not None
         self.lock = threading.Lock()
-        self.mmu = ffi.gc(lib.kvmfs_mmu_new(), lambda p: None)  # freed explicitly in destroy()
-        if self.mmu == ffi.NULL:
-            raise KvmError(errno.ENOMEM, "KVM_CREATE_VM")
+        self.mmu = native.mmu_new()
         self.hostmem = HostMemory(self.mmu, owner_pid)
         self.vcpus = {}
-        self.refs = 0
+        self.holds = 1                # the System table's, until the VM is DEAD
+        self.files = 0
         self.opened = False
         self.dead = False
+        self.freed = False
         self.killed = None            # why KVM would have killed the VM (kvm_vm_dead)
         self.tss_addr = None
-        self.identity_map_addr = 0xFFFBC000
+        self.identity_map_addr = abi.KVM_IDENTITY_MAP_ADDR_DEFAULT
         self.manual_protect = 0
         self.counters = {"memslot_changes": 0, "dirty_log_gets": 0, "dirty_log_clears": 0}
 
     # --- lifetime -------------------------------------------------------------------
-    def get_ref(self):
+    def hold(self):
+        """Take a reference to the VM's memory; False once it is DEAD."""
         with self.lock:
-            self.refs += 1
+            if self.dead:
+                return False
+            self.holds += 1
+            return True
+
+    def unhold(self):
+        with self.lock:
+            self.holds -= 1
+            last = self.holds == 0
+        if last:
+            self.free()
+
+    @contextlib.contextmanager
+    def held(self):
+        """`with vm.held() as alive:` -- alive is False (and nothing held) when DEAD."""
+        alive = self.hold()
+        try:
+            yield alive
+        finally:
+            if alive:
+                self.unhold()
+
+    def get_ref(self):
+        """A VM or vCPU file was opened (the caller holds the VM already)."""
+        with self.lock:
+            self.files += 1
             self.opened = True
 
     def put_ref(self):
+        """A VM or vCPU file was closed: the last one destroys the VM, as in KVM."""
         with self.lock:
-            self.refs -= 1
-            last = self.refs == 0
+            self.files -= 1
+            last = self.files == 0 and not self.shell_owned
         if last:
             self.system.destroy_vm(self, "last file closed")
 
     def unreachable(self):
-        return not self.opened and self.refs == 0 and not procmem.alive(self.owner_pid, self.owner_start)
+        return (not self.shell_owned and not self.opened and self.files == 0
+                and not procmem.alive(self.owner_pid, self.owner_start))
 
     def destroy(self):
+        """LIVE -> DEAD: out of reach of new requests; running vCPUs leave KVM_RUN.
+        Called by System.destroy_vm only (which has removed the VM from its table)."""
         with self.lock:
             if self.dead:
                 return
             self.dead = True
             vcpus = list(self.vcpus.values())
+        for v in vcpus:
+            v.kick()
+        self.unhold()                 # the table's reference
+
+    def free(self):
+        """DEAD -> FREED: nothing holds the VM any more; return everything it has."""
+        with self.lock:
+            assert self.dead and self.holds == 0 and not self.freed
+            self.freed = True
+            vcpus = list(self.vcpus.values())
             self.vcpus.clear()
         for v in vcpus:
-            v.destroy()
-        lib.kvmfs_mmu_free(self.mmu)
+            v.free()
+        native.mmu_free(self.mmu)
+        self.mmu = native.NULL
         self.hostmem.close()
 
-    def check_owner(self, ctx):
-        """VM and vCPU ioctls from a process other than the creator: EIO (kvm->mm != current->mm)."""
-        if ctx.tgid != self.owner_pid:
+    def check_owner(self, ctx, op="ioctl"):
+        """Requests that reach the VM from another process: EIO, as KVM answers an
+        ioctl when kvm->mm != current->mm (for a shell-owned VM: another user)."""
+        if self.shell_owned:
+            if ctx.uid != self.owner_uid and ctx.uid != 0:
+                raise KvmError(errno.EIO, op, f"vm{self.id} belongs to uid {self.owner_uid}, not {ctx.uid}")
+        elif ctx.tgid != self.owner_pid:
             tgid = procmem.recheck_tgid(ctx.pid)
             if tgid != self.owner_pid:
-                raise KvmError(errno.EIO, "ioctl", f"vm{self.id} belongs to pid {self.owner_pid}, not {tgid}")
+                raise KvmError(errno.EIO, op, f"vm{self.id} belongs to pid {self.owner_pid}, not {tgid}")
         if self.dead:
-            raise KvmError(errno.EIO, "ioctl", f"vm{self.id} is dead")
+            raise KvmError(errno.EIO, op, f"vm{self.id} is dead")
         if self.killed:
-            raise KvmError(errno.EIO, "ioctl", f"vm{self.id} was killed: {self.killed}", warn=False)
+            raise KvmError(errno.EIO, op, f"vm{self.id} was killed: {self.killed}", warn=False)
 
     def kill(self, why):
         """As KVM's kvm_vm_dead(): every VM and vCPU ioctl answers EIO from now on."""
         log.warning("vm%d killed: %s", self.id, why)
-        self.killed = why
-        for v in list(self.vcpus.values()):       # the others leave KVM_RUN (EINTR), then EIO
-            if v.native != ffi.NULL:
-                lib.kvmfs_vcpu_kick(v.native)
+        with self.lock:
+            self.killed = why
+            vcpus = list(self.vcpus.values())
+        for v in vcpus:                # the others leave KVM_RUN (EINTR), then EIO
+            v.kick()
 
     # --- VM ioctls --------------------------------------------------------------------
     def check_extension(self, ctx, arg, data):
@@ -112,6 +171,7 @@ class Vm:
         with self.lock:
             check(len(self.vcpus) < abi.KVM_MAX_VCPUS, errno.EINVAL, op, "too many vCPUs")
             check(arg not in self.vcpus, errno.EEXIST, op, f"vcpu{arg} exists")
+            check(not self.dead, errno.EIO, op, "the VM is dead")
             self.vcpus[arg] = Vcpu(self, arg)
         return arg
 
@@ -163,7 +223,7 @@ class Vm:
             check(cap.flags == 0 and not cap.args[0] & ~allowed, errno.EINVAL, op,
                   f"MANUAL_DIRTY_LOG_PROTECT2 flags 0x{cap.flags:x} args 0x{cap.args[0]:x}")
             self.manual_protect = cap.args[0]
-            lib.kvmfs_dirty_set_manual_protect(self.mmu, cap.args[0])
+            native.dirty_set_manual_protect(self.mmu, cap.args[0])
             return 0
         raise KvmError(errno.EINVAL, op, f"capability {cap.cap} cannot be enabled")
 
@@ -171,9 +231,8 @@ class Vm:
         as_id, sid = slot >> 16, slot & 0xFFFF
         check(as_id < abi.KVM_ADDRESS_SPACE_NUM and sid < abi.KVM_USER_MEM_SLOTS, errno.EINVAL, op,
               f"slot 0x{slot:x}")
-        info = ffi.new("struct kvmfs_slot_info *")
-        rc = lib.kvmfs_memslot_get(self.mmu, as_id, sid, info)
-        if rc < 0 or not info.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
+        info = native.memslot_get(self.mmu, as_id, sid)
+        if info is None or not info.flags & abi.KVM_MEM_LOG_DIRTY_PAGES:
             raise KvmError(errno.ENOENT, op, f"slot {as_id}:{sid} absent or not logging", warn=False)
         return as_id, sid, info.npages
 
@@ -188,9 +247,9 @@ class Vm:
         log_arg = abi.kvm_dirty_log.from_address(data)
         as_id, sid, npages = self._logged_slot(op, log_arg.slot)
         nbytes = (npages + 63) // 64 * 8
-        buf = ffi.new("char[]", nbytes)
-        ensure(lib.kvmfs_dirty_get_log(self.mmu, as_id, sid, buf, nbytes), op)
-        procmem.write(ctx.pid, log_arg.dirty_bitmap, (int(ffi.cast("uintptr_t", buf)), nbytes), op)
+        buf = native.new("char[]", nbytes)
+        native.dirty_get_log(self.mmu, as_id, sid, buf, nbytes, op)
+        procmem.write(ctx.pid, log_arg.dirty_bitmap, (native.addr(buf), nbytes), op)
         self.counters["dirty_log_gets"] += 1
         return 0
 
@@ -209,23 +268,11 @@ class Vm:
               and not (c.num_pages < npages - c.first_page and c.num_pages & 63),
               errno.EINVAL, op, f"pages {c.first_page}+{c.num_pages} of {npages}")
         nbytes = (c.num_pages + 63) // 64 * 8
-        mask = ffi.new("char[]", max(nbytes, 1))
-        procmem.read_into(ctx.pid, c.dirty_bitmap, int(ffi.cast("uintptr_t", mask)), nbytes, op)
-        ensure(lib.kvmfs_dirty_clear_log(self.mmu, as_id, sid, c.first_page, c.num_pages, mask), op)
+        mask = native.new("char[]", max(nbytes, 1))
+        procmem.read_into(ctx.pid, c.dirty_bitmap, native.addr(mask), nbytes, op)
+        native.dirty_clear_log(self.mmu, as_id, sid, c.first_page, c.num_pages, mask, op)
         self.counters["dirty_log_clears"] += 1
         return 0
-
-    IOCTLS = {
-        abi.KVM_CHECK_EXTENSION: check_extension,
-        abi.KVM_CREATE_VCPU: create_vcpu,
-        abi.KVM_SET_USER_MEMORY_REGION: set_user_memory_region,
-        abi.KVM_SET_USER_MEMORY_REGION2: set_user_memory_region2,
-        abi.KVM_SET_TSS_ADDR: set_tss_addr,
-        abi.KVM_SET_IDENTITY_MAP_ADDR: set_identity_map_addr,
-        abi.KVM_ENABLE_CAP: enable_cap,
-        abi.KVM_GET_DIRTY_LOG: get_dirty_log,
-        abi.KVM_CLEAR_DIRTY_LOG: clear_dirty_log,
-    }
 
     # --- guest-physical memory as a file ---------------------------------------------
     def access_gpa(self, as_id, gpa, length, data=None):
@@ -235,28 +282,23 @@ class Vm:
         memory that cannot be shared: EFAULT.
         """
         op = "read guest memory" if data is None else "write guest memory"
-        buf = ffi.new("char[]", length) if data is None else ffi.from_buffer(data)
-        miss = ffi.new("uint64_t *")
+        buf = native.new("char[]", length) if data is None else native.from_buffer(data)
         done = 0
         while done < length:
-            fn = lib.kvmfs_mmu_read_gpa if data is None else lib.kvmfs_mmu_write_gpa
-            n = fn(self.mmu, as_id, gpa + done, buf + done, length - done, miss)
+            n, miss_hva = native.mmu_access_gpa(self.mmu, as_id, gpa + done, buf + done,
+                                                length - done, data is not None)
             if n > 0:
                 done += n
                 continue
-            if n == 0 and miss[0]:
-                self.hostmem.resolve(miss[0], op)
+            if n == 0 and miss_hva:
+                self.hostmem.resolve(miss_hva, op)
                 continue
             if done:
                 break
             raise KvmError(-n if n < 0 else errno.EIO, op, f"no memslot at gpa 0x{gpa:x}", warn=False)
-        return ffi.buffer(buf, done)[:] if data is None else done
+        return native.unpack(buf, done) if data is None else done
 
     # --- views -----------------------------------------------------------------------
     def slots(self, as_id):
         """The slots of one address space, sorted by gpa, as plain SlotInfo values."""
-        n = lib.kvmfs_memslot_count(self.mmu, as_id)
-        out = ffi.new("struct kvmfs_slot_info[]", max(n, 1))
-        n = min(lib.kvmfs_memslot_list(self.mmu, as_id, out, n), n)
-        # Copied out: an element of `out` is a view into memory freed with `out`.
-        return [SlotInfo(*(getattr(out[i], f) for f in SlotInfo._fields)) for i in range(n)]
+        return [SlotInfo(*row) for row in native.memslot_list(self.mmu, as_id)]

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 from kvmfs import abi, commands
+from kvmfs.caller import Caller
 from kvmfs.client import alloc_guest_memory
 from kvmfs.errors import KvmError
 from kvmfs.system import System
@@ -16,10 +17,7 @@ from kvmfs.system import System
 MiB = 1 << 20
 
 
-class Ctx:
-    """The caller as fs.Ctx describes it: this process."""
-    pid = tgid = os.getpid()
-    uid = os.getuid()
+Ctx = Caller.this_process()     # the caller as fs.py describes it: this process
 
 
 @pytest.fixture

@@ -1,0 +1,37 @@
+"""Who issues a request: the calling thread, its process and user.
+
+fs.py builds one per FUSE request from libfuse's request context; the core
+modules (vm.py, vcpu.py, commands.py) only read it.  A text command runs as a
+`shell` caller: the VMs it creates belong to the user, not to the short-lived
+process that wrote the command.
+"""
+import os
+
+from kvmfs import procmem
+
+
+def _never():
+    return False
+
+
+class Caller:
+    """pid: the thread id FUSE reports (what process_vm_readv needs); tgid: its
+    process; uid/gid; interrupted(): whether the caller's request was interrupted
+    by a signal (FUSE INTERRUPT) before the handler could see it."""
+    __slots__ = ("pid", "tgid", "uid", "gid", "shell", "interrupted")
+
+    def __init__(self, pid, uid, gid, tgid=None, shell=False, interrupted=_never):
+        self.pid = pid
+        self.tgid = tgid if tgid is not None else (procmem.tgid_of(pid) or pid)
+        self.uid = uid
+        self.gid = gid
+        self.shell = shell
+        self.interrupted = interrupted
+
+    @classmethod
+    def this_process(cls):
+        """The daemon itself (or a test) as the caller."""
+        return cls(os.getpid(), os.getuid(), os.getgid(), tgid=os.getpid())
+
+    def as_shell(self):
+        return Caller(self.pid, self.uid, self.gid, self.tgid, True, self.interrupted)
