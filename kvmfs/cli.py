@@ -334,7 +334,7 @@ def _await_daemon(rfd, pid, timeout):
 
 # --- commands -----------------------------------------------------------------------
 def cmd_mount(args):
-    mnt = os.path.abspath(args.dir)
+    mnt = os.path.realpath(args.dir)   # as /proc/self/mountinfo names it
     remove_leftovers()
     mode = args.mode if args.mode is not None else (GROUP_MODE if args.group is not None
                                                    else DEFAULT_MODE)
@@ -472,7 +472,7 @@ def _unmount(mnt, lazy):
 
 
 def cmd_umount(args):
-    mnt = os.path.abspath(args.dir)
+    mnt = os.path.realpath(args.dir)   # as /proc/self/mountinfo names it
     remove_leftovers()
     entry = mount_entry(mnt)
     if entry is None:
@@ -508,7 +508,7 @@ def cmd_umount(args):
 
 
 def cmd_stat(args):
-    mnt = os.path.abspath(args.dir)
+    mnt = os.path.realpath(args.dir)   # as /proc/self/mountinfo names it
     name = "json" if args.json else "vms"
     try:
         with open(os.path.join(mnt, "info", name)) as f:
