@@ -244,16 +244,13 @@ def serve(mnt, log_path, debug, report=None, log_name=None, mode=None, gid=None)
     _setup_logging(log_path, debug)
     log = logging.getLogger("kvmfs")
     run_dir = tempfile.mkdtemp(prefix=f"kvmfs.{os.getpid()}.", dir=_run_dir_parent())
-    os.chmod(run_dir, 0o755)
+    os.chmod(run_dir, 0o711)        # kvm_run files are reached by name only (fs.py tells the owner)
     daemon = {"pid": os.getpid(), "starttime": _starttime(os.getpid()), "mountpoint": mnt,
               "log": log_name or log_path or "stderr"}
     try:
         _write_daemon_file(run_dir, daemon)
-        from kvmfs._native import lib
-        if hasattr(lib, "kvmfs_vcpu_install_intr_signal"):
-            lib.kvmfs_vcpu_install_intr_signal(signal.SIGUSR1)   # libfuse's "intr" signal
-        else:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        from kvmfs import _native
+        _native.vcpu_install_intr_signal(signal.SIGUSR1)   # libfuse's "intr" signal
         kwargs = _fs_kwargs(fs.KvmFs, mode, gid)
         options = ("intr", "allow_other") if _needs_allow_other(mode, gid) else ("intr",)
         before = os.stat(mnt).st_dev

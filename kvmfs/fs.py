@@ -527,11 +527,9 @@ class Server:
         self.idle = 0
         self.workers = 0
         self.done = threading.Event()
-        # allow_other only when the mount is opened to others (--mode/--group): by
-        # default only the user who mounted reaches it at all, as /dev/kvm is 0600.
-        opened = fs.access_mode & 0o077 or fs.access_gid != fs.gid
-        opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions")
-                        + (("allow_other",) if opened else ()) + tuple(options))
+        # allow_other only when asked (the CLI does for --mode/--group): by default
+        # only the user who mounted reaches the mount at all, as /dev/kvm is 0600.
+        opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions") + tuple(options))
         args = [b"kvmfs", b"-f", b"-o", opts.encode(), mountpoint.encode()]
         self._argv = (ctypes.c_char_p * len(args))(*args)
         self._mnt = ctypes.c_char_p()
