@@ -32,6 +32,9 @@
  * puts its page tables in MMIO is not supported).  An entry whose host memory
  * is not registered yet ends the walk with NEED_HVA (out->hva, and out->gpa =
  * the table page), and the fill is retried after the daemon resolves it.
+ *
+ * Locking: called by kvmfs_mmu_translate with mmu->lock held; it reads and
+ * CASes guest memory, which the guest may change concurrently.
  */
 #include "kvmfs_internal.h"
 
