@@ -21,7 +21,7 @@
 
 #include "kvmfs_internal.h"
 
-#define MAX_GFN ((1ull << (52 - PAGE_SHIFT)) - 1) /* x86 MAXPHYADDR 52 */
+#define MAX_GFN ((1ull << (X86_MAXPHYADDR_LIMIT - PAGE_SHIFT)) - 1)
 
 /* ----------------------------------------------------------- slot lookup -- */
 

@@ -29,13 +29,14 @@ static void decode_io(kvmfs_vcpu *v, struct io_insn *ii)
 	if (!gmem(v, live_pc(v), b, sizeof b, false, &xl)) {
 		for (int i = 0; i < X86_MAX_INSN_LEN; i++) {
 			uint8_t c = b[i];
-			if (c == 0xf3 || c == 0xf2) { ii->rep = true; continue; }
-			if (c == 0x67) { a67 = true; continue; }
-			if (c == 0x66 || c == 0x26 || c == 0x2e || c == 0x36 || c == 0x3e ||
-			    c == 0x64 || c == 0x65 || (bits == 64 && c >= 0x40 && c <= 0x4f))
+			if (c == X86_PFX_REP || c == X86_PFX_REPNE) { ii->rep = true; continue; }
+			if (c == X86_PFX_ADDRSIZE) { a67 = true; continue; }
+			if (c == X86_PFX_OPSIZE || c == X86_PFX_ES || c == X86_PFX_CS ||
+			    c == X86_PFX_SS || c == X86_PFX_DS || c == X86_PFX_FS || c == X86_PFX_GS ||
+			    (bits == 64 && c >= X86_REX_FIRST && c <= X86_REX_LAST))
 				continue;
-			ii->string = c >= 0x6c && c <= 0x6f;
-			ii->len = i + ((c == 0xe4 || c == 0xe5 || c == 0xe6 || c == 0xe7) ? 2 : 1);
+			ii->string = c >= X86_OP_INSB && c <= X86_OP_OUTSD;
+			ii->len = i + ((c >= X86_OP_IN_IMM8 && c <= X86_OP_OUT_IMM8_LAST) ? 2 : 1);
 			break;
 		}
 	}

@@ -151,7 +151,7 @@ KVMFS_API int kvmfs_vcpu_set_sregs(kvmfs_vcpu *v, const struct kvm_sregs *in)
 	x->cr[4] = cr4;
 	*x->efer = efer;
 	env_store(v);
-	v->cr8 = in->cr8 & 15;
+	v->cr8 = in->cr8 & X86_CR8_MAX;
 	v->apic_base = in->apic_base;
 	v->irq_pending = false;
 	for (int i = 0; i < X86_NR_VECTORS; i++) {

@@ -428,7 +428,7 @@ KVMFS_API int kvmfs_vcpu_run(kvmfs_vcpu *v)
 	if (run->kvm_valid_regs & ~(uint64_t)(KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS |
 					      KVM_SYNC_X86_EVENTS))
 		return -EINVAL;
-	if (run->cr8 > 15)
+	if (run->cr8 > X86_CR8_MAX)
 		return -EINVAL;
 	v->cr8 = run->cr8;
 	v->stats.runs++;

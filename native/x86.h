@@ -35,6 +35,27 @@
 #define X86_OP_2BYTE 0x0f
 #define X86_OP2_RSM 0xaa               /* 0F AA */
 
+/* instruction prefixes and the IO opcodes (decode_io) */
+#define X86_PFX_REPNE 0xf2
+#define X86_PFX_REP 0xf3
+#define X86_PFX_OPSIZE 0x66
+#define X86_PFX_ADDRSIZE 0x67
+#define X86_PFX_ES 0x26
+#define X86_PFX_CS 0x2e
+#define X86_PFX_SS 0x36
+#define X86_PFX_DS 0x3e
+#define X86_PFX_FS 0x64
+#define X86_PFX_GS 0x65
+#define X86_REX_FIRST 0x40             /* 64-bit mode: 0x40-0x4f */
+#define X86_REX_LAST 0x4f
+#define X86_OP_INSB 0x6c               /* INSB INSW/D OUTSB OUTSW/D: 0x6c-0x6f */
+#define X86_OP_OUTSD 0x6f
+#define X86_OP_IN_IMM8 0xe4            /* IN/OUT with an imm8 port: 0xe4-0xe7 */
+#define X86_OP_OUT_IMM8_LAST 0xe7
+
+#define X86_CR8_MAX 15                 /* CR8 holds TPR[7:4] */
+#define X86_MAXPHYADDR_LIMIT 52        /* the architecture's widest physical address */
+
 /* CR0 */
 #define X86_CR0_PE (1ull << 0)
 #define X86_CR0_EM (1ull << 2)
