@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml setup.py
 	@tools/install-deps
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing kvmfs into $(VENV) ..."
-	@$(PY) -m pip install -q --upgrade pip setuptools wheel "cffi>=1.15" unicorn==2.1.4 fusepy==3.0.1 pytest
+	@$(PY) -m pip install -qq --upgrade pip setuptools wheel "cffi>=1.15" unicorn==2.1.4 fusepy==3.0.1 pytest
 	@PY=$(PY) tools/build-unicorn
-	@$(PY) -m pip install -q --no-build-isolation -e .
+	@KVMFS_NATIVE_BY_MAKE=1 $(PY) -m pip install -qq --no-build-isolation -e .
 	@touch $@
 
 deps: $(STAMP)
 
-# The native module, rebuilt in place whenever a C source or header changes.
+# The native module, rebuilt whenever a C source or header changes: objects in
+# build/native, the one module kvmfs/_kvmfs_native.abi3.so.
 $(SO): $(STAMP) $(NATIVE)
 	@PY=$(PY) tools/build-unicorn
 	@$(PY) native/build.py
@@ -55,4 +56,4 @@ umount:
 	@$(VENV)/bin/kvmfs umount $(MNT)
 
 clean:
-	rm -rf build kvmfs/_kvmfs_native.* kvmfs/*.so $(SO) *.egg-info
+	rm -rf build kvmfs/_kvmfs_native.* kvmfs/*.so native/*.o $(SO) *.egg-info
