@@ -29,7 +29,12 @@ def _strip_comments(text):
 _sources = sorted(glob.glob(os.path.join(HERE, "*.c")))
 
 
-def make_ffi(sources):
+# KVMFS_SANITIZE=1: AddressSanitizer and UndefinedBehaviorSanitizer, into
+# build/asan (make test-asan; the module needs libasan preloaded in Python).
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def make_ffi(sources, sanitize=False):
     ffi = FFI()
     for h in ("kvm_abi.h", "kvmfs_native.h"):
         ffi.cdef(_strip_comments(open(os.path.join(HERE, h)).read()))
@@ -40,7 +45,8 @@ def make_ffi(sources):
         include_dirs=[HERE, os.path.join(UC, "include")],
         libraries=["m", "pthread"],
         extra_link_args=["-Wl,--start-group", *_UC_LIBS, "-Wl,--end-group",
-                         "-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic"],
+                         "-Wl,--exclude-libs,ALL", "-Wl,-Bsymbolic",
+                         *(SANITIZE_FLAGS if sanitize else [])],
         extra_compile_args=[
             "-O2",
             "-std=gnu11",
@@ -48,6 +54,7 @@ def make_ffi(sources):
             "-Wno-unused-parameter",     # callbacks have fixed signatures
             "-Werror=implicit-function-declaration",  # a missing prototype is a bug, not a warning
             "-fvisibility=hidden",       # only the cdef'd API leaves the module
+            *(SANITIZE_FLAGS if sanitize else []),
         ],
     )
     return ffi
@@ -57,15 +64,18 @@ def make_ffi(sources):
 ffi = make_ffi([os.path.relpath(s, os.path.dirname(HERE)) for s in _sources])
 
 
-def build_in_place():
+def build_in_place(sanitize=False):
     """Compile into build/native (the generated C file and every object stay
     there) and install the one module as kvmfs/_kvmfs_native.abi3.so, the name
-    an install through setuptools gives it, removing any other copy."""
+    an install through setuptools gives it, removing any other copy.  With
+    sanitize, build into build/asan and install nothing."""
     root = os.path.dirname(HERE)
     os.chdir(root)
-    tmp = os.path.join("build", "native")
-    built = make_ffi(_sources).compile(tmpdir=tmp, verbose=False,
-                                       target="_kvmfs_native.abi3.so")
+    tmp = os.path.join("build", "asan" if sanitize else "native")
+    built = make_ffi(_sources, sanitize).compile(tmpdir=tmp, verbose=False,
+                                                 target="_kvmfs_native.abi3.so")
+    if sanitize:
+        return
     dest = os.path.join("kvmfs", os.path.basename(built))
     for old in glob.glob(os.path.join("kvmfs", "_kvmfs_native*")):
         if old != dest:
@@ -75,4 +85,4 @@ def build_in_place():
 
 
 if __name__ == "__main__":
-    build_in_place()
+    build_in_place(sanitize=os.environ.get("KVMFS_SANITIZE") == "1")
