@@ -22,7 +22,8 @@
  *
  * Threading: kvmfs_vcpu_run runs in the caller's thread; everything else but
  * kvmfs_vcpu_kick must not run concurrently with it (Python serialises vCPU
- * ioctls per vCPU).  kick is async-signal-safe and may come from any thread.
+ * ioctls per vCPU).  kick is async-signal-safe and may come from any thread;
+ * so is the interrupt signal's handler (see cur_vcpu).
  * No lock of its own: `attn` and `running` are atomics; the MMU calls take
  * the VM's mmu lock inside mmu.c.
  */
@@ -33,7 +34,18 @@
 
 #include "vcpu_internal.h"
 
-static __thread kvmfs_vcpu *cur_vcpu;
+/*
+ * The vCPU running in this thread, for intr_signal.  initial-exec: the module
+ * is dlopen'ed, and a dlopen'ed module's TLS defaults to the dynamic model,
+ * whose first access in a thread allocates the block through
+ * __tls_get_addr -> malloc; from a signal handler that interrupted malloc
+ * that deadlocked (__lll_lock_wait_private).  With initial-exec the variable
+ * lives in the static TLS block that glibc reserves for every thread at
+ * creation (its surplus for dlopen'ed initial-exec modules; dlopen fails
+ * cleanly if it is full), so reading it is one %fs-relative load.
+ * kvmfs_vcpu_install_intr_signal checks that this holds before installing.
+ */
+static __thread kvmfs_vcpu *cur_vcpu __attribute__((tls_model("initial-exec")));
 
 /* ------------------------------------------------------------ flush client -- */
 
@@ -160,17 +172,57 @@ KVMFS_API void kvmfs_vcpu_kick(kvmfs_vcpu *v)
 	request(v, ATTN_KICK);
 }
 
+/* Async-signal-safe: a static-TLS load, atomics and uc_emu_stop (which only
+ * sets flags on an engine that exists). */
 static void intr_signal(int sig)
 {
+	int saved = errno;
 	kvmfs_vcpu *v = cur_vcpu;
 	if (v)
 		kvmfs_vcpu_kick(v);
+	errno = saved;
+}
+
+/* Distance from the thread pointer to this thread's cur_vcpu. */
+static intptr_t tls_offset(void)
+{
+	uintptr_t tp;
+
+	__asm__("mov %%fs:0, %0" : "=r"(tp));   /* x86-64: the TCB points to itself */
+	return (intptr_t)(tp - (uintptr_t)&cur_vcpu);
+}
+
+static void *tls_offset_thread(void *out)
+{
+	*(intptr_t *)out = tls_offset();
+	return NULL;
+}
+
+/*
+ * Is cur_vcpu in static TLS?  Static TLS sits at the same offset below the
+ * thread pointer in every thread (variant II); a dynamically allocated block
+ * would be somewhere on the heap, at an offset that differs per thread.  The
+ * new thread has never touched the variable, as a FUSE worker thread that is
+ * signalled before it ever ran a vCPU.
+ */
+static bool tls_is_static(void)
+{
+	intptr_t here = tls_offset(), there = 0;
+	pthread_t t;
+
+	if (pthread_create(&t, NULL, tls_offset_thread, &there))
+		return false;
+	pthread_join(t, NULL);
+	return here == there && here > 0;
 }
 
 KVMFS_API int kvmfs_vcpu_install_intr_signal(int signo)
 {
 	struct sigaction sa;
 
+	cur_vcpu = NULL;                  /* touched outside signal context first */
+	if (!tls_is_static())
+		return -ENOTSUP;
 	memset(&sa, 0, sizeof sa);
 	sa.sa_handler = intr_signal;
 	sigemptyset(&sa.sa_mask);
