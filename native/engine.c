@@ -237,6 +237,7 @@ int engine_open(kvmfs_vcpu *v, int idx)
 		return -ENOMEM;
 	if (idx == ENG_STEP &&
 	    (uc_hook_add(e->uc, &h, UC_HOOK_CODE, (void *)code_hook, v, 1, 0) ||
+	     uc_hook_add(e->uc, &h, UC_HOOK_MEM_READ, (void *)mmio_read_hook, v, 1, 0) ||
 	     uc_mmio_map(e->uc, WIN_BASE, WIN_PAGES * PAGE_SIZE, win_read, v, win_write, v)))
 		return -ENOMEM;
 	if (!v->ctx) {

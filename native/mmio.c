@@ -13,13 +13,59 @@
  *   STEP --done--> RUNNING
  *
  * So RMW and multi-access forms (push [mmio], add [mmio],eax, movs) complete
- * exactly once with the data the VMM gave.
+ * exactly once with the data the VMM gave.  An access that straddles the end
+ * of a slot (or starts in RAM and ends in a hole) exits with only the part
+ * outside memory, at the first gpa past it, as KVM's emulator does
+ * (emulator_read_write_onepage per page); an unaligned one inside an MMIO
+ * page exits with its own address and length.
  *
  * Locking: none; it runs in the vCPU's thread.
  */
 #include <string.h>
 
 #include "vcpu_internal.h"
+
+/*
+ * UC_HOOK_MEM_READ (step engine): the guest's read as the instruction asked for
+ * it, before QEMU splits it.  QEMU does a read it cannot do in one piece (one
+ * that crosses a page, or an unaligned one on an MMIO page) as two reads of
+ * the same size at addr & ~(size - 1) and the next, and combines them; the
+ * window only sees those.  paddr is unicorn-physical: the window page's, or a
+ * RAM page's when the read starts in the page before the window.
+ */
+void mmio_read_hook(uc_engine *uc, uc_mem_type type, uint64_t paddr, int size, int64_t value,
+		    void *ud)
+{
+	kvmfs_vcpu *v = ud;
+
+	v->rd_paddr = paddr;
+	v->rd_size = size;
+}
+
+/*
+ * The part of a window read at off (size bytes) that the guest's read uses:
+ * its page offset *u0 and length (0: none of it).  As KVM, the VMM sees only
+ * the bytes outside memory; those in the RAM page before are read from it.
+ */
+static uint32_t win_used(kvmfs_vcpu *v, uint64_t off, unsigned size, int64_t *u0)
+{
+	int64_t lo = off & (PAGE_SIZE - 1), hi = lo + size;
+	int64_t a0 = v->rd_paddr & (PAGE_SIZE - 1), a1;
+
+	*u0 = lo;
+	if (!v->rd_size)
+		return size;
+	if ((v->rd_paddr >> PAGE_SHIFT) != ((WIN_BASE + off) >> PAGE_SHIFT))
+		a0 -= PAGE_SIZE;          /* it starts in the page before */
+	a1 = a0 + v->rd_size;
+	if (a1 <= 0)
+		return size;              /* not this read's access: take it whole */
+	if (a0 > lo)
+		*u0 = a0;
+	if (a1 < hi)
+		hi = a1;
+	return hi > *u0 ? (uint32_t)(hi - *u0) : 0;
+}
 
 /*
  * unicorn splits an 8-byte access to an MMIO region into two 4-byte ones (low
@@ -29,23 +75,28 @@
 uint64_t win_read(uc_engine *uc, uint64_t off, unsigned size, void *ud)
 {
 	kvmfs_vcpu *v = ud;
-	uint64_t gpa = v->win_gpa[off >> PAGE_SHIFT] + (off & (PAGE_SIZE - 1));
+	int64_t u0;
+	uint32_t len = win_used(v, off, size, &u0);
+	uint64_t gpa = v->win_gpa[off >> PAGE_SHIFT] + u0;
+	unsigned shift = 8 * (unsigned)(u0 - (int64_t)(off & (PAGE_SIZE - 1)));
 
+	if (!len)
+		return 0;
 	for (int i = 0; i < v->nreads; i++) {
 		struct mmio_acc *a = &v->reads[i];
-		if (gpa >= a->gpa && gpa + size <= a->gpa + a->len) {
+		if (gpa >= a->gpa && gpa + len <= a->gpa + a->len) {
 			uint64_t x = 0;
-			memcpy(&x, (uint8_t *)&a->data + (gpa - a->gpa), size);
+			memcpy(&x, (uint8_t *)&a->data + (gpa - a->gpa), len);
 			v->reads_used = i + 1;
-			return x;
+			return shift < 64 ? x << shift : 0;
 		}
 	}
 	if (!v->read_missing) {
 		v->read_missing = true;
 		v->miss.gpa = gpa;
-		v->miss.len = size;
-	} else if (gpa == v->miss.gpa + v->miss.len && v->miss.len + size <= sizeof(v->miss.data)) {
-		v->miss.len += size;
+		v->miss.len = len;
+	} else if (gpa == v->miss.gpa + v->miss.len && v->miss.len + len <= sizeof(v->miss.data)) {
+		v->miss.len += len;
 	}
 	return 0;
 }
@@ -100,6 +151,7 @@ int mmio_instruction(kvmfs_vcpu *v)
 	v->read_missing = false;
 	v->nwrites = 0;
 	v->writes_reported = 0;
+	v->rd_size = 0;
 	e = step_one(v);
 	v->mmio_step = false;
 	uc_ctl_flush_tlb(v->uc);          /* drop the window mappings */

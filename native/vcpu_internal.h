@@ -147,6 +147,8 @@ struct kvmfs_vcpu {
 	int win_next;
 	struct mmio_acc reads[MAX_MMIO_ACC];
 	int nreads, reads_used;
+	uint64_t rd_paddr;                /* the last read as the guest asked (mmio_read_hook) */
+	int rd_size;
 	bool read_missing;
 	struct mmio_acc miss;
 	struct mmio_acc writes[MAX_MMIO_ACC];
@@ -214,6 +216,8 @@ int pio_complete_out(kvmfs_vcpu *v);
 int pio_complete_in(kvmfs_vcpu *v);
 
 /* ---- mmio.c: the MMIO window and replay; 1 = exit prepared, 0 = go on, <0 error ---- */
+void mmio_read_hook(uc_engine *uc, uc_mem_type type, uint64_t paddr, int size, int64_t value,
+		    void *ud);
 uint64_t win_read(uc_engine *uc, uint64_t off, unsigned size, void *ud);
 void win_write(uc_engine *uc, uint64_t off, unsigned size, uint64_t value, void *ud);
 int mmio_instruction(kvmfs_vcpu *v);
