@@ -62,6 +62,17 @@ bool guest_has_lm(kvmfs_vcpu *v)
 	return e && (e->edx & X86_CPUID_EXT_EDX_LM);
 }
 
+/* KVM's cpuid_maxphyaddr(): leaf 0x80000008 EAX[7:0] when the extended range
+ * reaches it, else 36. */
+uint32_t guest_maxphyaddr(kvmfs_vcpu *v)
+{
+	const struct kvm_cpuid_entry2 *e = cpuid_find(v, X86_CPUID_EXT_BASE, 0);
+
+	if (e && e->eax >= X86_CPUID_ADDR_SIZES && (e = cpuid_find(v, X86_CPUID_ADDR_SIZES, 0)))
+		return e->eax & 0xff;
+	return X86_MAXPHYADDR_DEFAULT;
+}
+
 KVMFS_API int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 *e, uint32_t n)
 {
 	if (n > KVM_MAX_CPUID_ENTRIES)
@@ -82,6 +93,8 @@ KVMFS_API int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 
 	free(v->cpuid);
 	v->cpuid = t;
 	v->ncpuid = n;
+	v->maxphyaddr = guest_maxphyaddr(v);
+	uc_ctl_flush_tlb(v->uc);          /* translations made with the old width */
 	return 0;
 }
 

@@ -30,6 +30,8 @@ struct kvmfs_paging {         /* the guest state a walk depends on */
 	uint64_t cr0, cr3, cr4, efer;
 	uint32_t cpl;
 	uint32_t as_id;           /* 1 while the vCPU is in SMM */
+	uint32_t maxphyaddr;      /* the guest's physical-address width (0: 52) */
+	uint32_t pad;
 };
 
 #define KVMFS_ACC_READ 0

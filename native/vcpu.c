@@ -131,6 +131,7 @@ KVMFS_API kvmfs_vcpu *kvmfs_vcpu_new(kvmfs_mmu *mmu, uint32_t id, struct kvm_run
 	use_engine(v, ENG_FAST);
 	v->apic_base = X86_APIC_DEFAULT_PHYS_BASE | X86_APIC_BASE_ENABLE | X86_APIC_BASE_BSP;
 	v->smbase = X86_SMBASE_DEFAULT;
+	v->maxphyaddr = X86_MAXPHYADDR_DEFAULT;   /* no CPUID table yet */
 	reset_state(v);
 	if (run)
 		run->apic_base = v->apic_base;

@@ -171,6 +171,7 @@ struct kvmfs_vcpu {
 	/* KVM_SET_CPUID2's table: what CPUID answers (empty: zeros, as KVM) */
 	struct kvm_cpuid_entry2 *cpuid;
 	uint32_t ncpuid;
+	uint32_t maxphyaddr;              /* guest physical-address width, from the table */
 	bool has_run;                     /* KVM_SET_CPUID2 may then only repeat the table */
 
 	/* registers kept outside the engine */
@@ -242,6 +243,7 @@ void reset_state(kvmfs_vcpu *v);
 /* ---- cpuid.c ---- */
 int cpuid_hook(uc_engine *uc, void *ud);
 bool guest_has_lm(kvmfs_vcpu *v);
+uint32_t guest_maxphyaddr(kvmfs_vcpu *v);
 
 /* ---- smm.c: SMM entry and RSM ---- */
 int enter_smm(kvmfs_vcpu *v);

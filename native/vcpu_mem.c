@@ -27,6 +27,7 @@ void paging_now(kvmfs_vcpu *v, struct kvmfs_paging *pg, int cpl)
 	pg->efer = *e->efer;
 	pg->cpl = cpl < 0 ? env_cpl(e) : cpl;
 	pg->as_id = v->in_smm;            /* SMM sees address space 1 */
+	pg->maxphyaddr = v->maxphyaddr;
 }
 
 /* The linear address of RIP (CS base + RIP) in the current engine. */

@@ -55,6 +55,7 @@
 
 #define X86_CR8_MAX 15                 /* CR8 holds TPR[7:4] */
 #define X86_MAXPHYADDR_LIMIT 52        /* the architecture's widest physical address */
+#define X86_MAXPHYADDR_DEFAULT 36      /* without CPUID leaf 0x80000008 (KVM's default) */
 
 /* CR0 */
 #define X86_CR0_PE (1ull << 0)
