@@ -73,7 +73,8 @@
 /* kvm_cpuid_entry2.flags (the kernel's spelling) */
 #define KVM_CPUID_FLAG_SIGNIFCANT_INDEX 1
 
-/* array limits of KVM_SET_CPUID2 and KVM_GET/SET_MSRS */
+/* array limits of KVM_SET_CPUID2 and KVM_GET/SET_MSRS (the kernel's
+ * MAX_IO_MSRS: nmsrs must be below it) */
 #define KVM_MAX_CPUID_ENTRIES 256
 #define KVM_MAX_MSR_ENTRIES 256
 

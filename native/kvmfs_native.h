@@ -270,7 +270,8 @@ int kvmfs_vcpu_get_sregs(kvmfs_vcpu *v, struct kvm_sregs *out);
 int kvmfs_vcpu_set_sregs(kvmfs_vcpu *v, const struct kvm_sregs *in);
 int kvmfs_vcpu_get_fpu(kvmfs_vcpu *v, struct kvm_fpu *out);
 int kvmfs_vcpu_set_fpu(kvmfs_vcpu *v, const struct kvm_fpu *in);
-/* Returns the number of entries processed (KVM_GET/SET_MSRS semantics). */
+/* Returns the number of entries processed (KVM_GET/SET_MSRS semantics), or
+ * -E2BIG for n >= KVM_MAX_MSR_ENTRIES. */
 int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32_t n);
 int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, uint32_t n);
 

@@ -214,8 +214,11 @@ static bool msr_known(uint32_t idx)
 	return false;
 }
 
+/* KVM's msr_io refuses nmsrs >= 256 (its MAX_IO_MSRS) before touching an entry. */
 KVMFS_API int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32_t n)
 {
+	if (n >= KVM_MAX_MSR_ENTRIES)
+		return -E2BIG;
 	for (uint32_t i = 0; i < n; i++) {
 		if (!msr_known(e[i].index))
 			return i;
@@ -238,6 +241,8 @@ KVMFS_API int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32
 
 KVMFS_API int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, uint32_t n)
 {
+	if (n >= KVM_MAX_MSR_ENTRIES)
+		return -E2BIG;
 	for (uint32_t i = 0; i < n; i++) {
 		if (!msr_known(e[i].index))
 			return i;
