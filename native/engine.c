@@ -37,8 +37,12 @@
  *    offset, so sregs and event delivery edit that copy and restore it.  The
  *    offsets are checked against marker values when the vCPU is created.
  */
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 
 #include "vcpu_internal.h"
 
@@ -82,6 +86,66 @@
 #define UC_NOEXIT_OFF 2034            /* uc_struct.no_exit_request (init_done follows) */
 
 extern void cpu_loop_exit_x86_64(void *cpu) __attribute__((noreturn));
+
+/*
+ * Translation buffers.  unicorn maps 1 GiB per engine by default and asks for
+ * transparent huge pages on it, so the first translated block (the TCG
+ * prologue, written at engine init) commits a 2 MiB page: 4 MiB per vCPU
+ * for a guest that runs a few hundred bytes of code, most of a 32-vCPU VM's
+ * memory.  The step engine runs single instructions (the minimum buffer is
+ * plenty); the fast engine gets QEMU's 32-bit-host default (a full buffer is
+ * flushed and refilled, it does not fail).  Both are kept on small pages:
+ * huge pages are off for the process while an engine initialises (the
+ * prologue's fault) and MADV_NOHUGEPAGE afterwards (later faults, and
+ * khugepaged, which would collapse the range back).
+ */
+#define STEP_TB_BUFFER (1u << 20)
+#define FAST_TB_BUFFER (32u << 20)
+
+static pthread_mutex_t thp_lock = PTHREAD_MUTEX_INITIALIZER;
+static int thp_off_users, thp_was_off;
+
+/* Huge pages off for the process from here to thp_restore (nests across threads). */
+static void thp_suspend(void)
+{
+	pthread_mutex_lock(&thp_lock);
+	if (!thp_off_users++) {
+		thp_was_off = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0) == 1;
+		if (!thp_was_off)
+			prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0);
+	}
+	pthread_mutex_unlock(&thp_lock);
+}
+
+static void thp_restore(void)
+{
+	pthread_mutex_lock(&thp_lock);
+	if (!--thp_off_users && !thp_was_off)
+		prctl(PR_SET_THP_DISABLE, 0, 0, 0, 0);
+	pthread_mutex_unlock(&thp_lock);
+}
+
+/* MADV_NOHUGEPAGE on every translation buffer of this size: the private
+ * anonymous rwx mappings of exactly that length (unicorn's; idempotent for
+ * another engine's). */
+static void tb_buffer_small_pages(uint32_t size)
+{
+	FILE *f = fopen("/proc/self/maps", "re");
+	char line[256];
+
+	if (!f)
+		return;
+	while (fgets(line, sizeof line, f)) {
+		unsigned long lo, hi, off;
+		char perms[8];
+		unsigned int dmaj, dmin;
+		unsigned long ino;
+		if (sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &lo, &hi, perms, &off, &dmaj, &dmin,
+			   &ino) == 7 && !strcmp(perms, "rwxp") && !ino && hi - lo == size)
+			madvise((void *)lo, size, MADV_NOHUGEPAGE);
+	}
+	fclose(f);
+}
 
 static void env_view(struct cpu_env *e, uint8_t *base)
 {
@@ -217,13 +281,30 @@ static int engine_check(kvmfs_vcpu *v, struct engine *e)
 	return 0;
 }
 
+static int engine_init(kvmfs_vcpu *v, int idx, uint32_t tb_size);
+
+/* Open engine idx of v with its hooks, checked against the offsets above. */
 int engine_open(kvmfs_vcpu *v, int idx)
+{
+	uint32_t tb_size = idx == ENG_STEP ? STEP_TB_BUFFER : FAST_TB_BUFFER;
+	int rc;
+
+	thp_suspend();
+	rc = engine_init(v, idx, tb_size);
+	thp_restore();
+	if (!rc)
+		tb_buffer_small_pages(tb_size);
+	return rc;
+}
+
+static int engine_init(kvmfs_vcpu *v, int idx, uint32_t tb_size)
 {
 	struct engine *e = &v->eng[idx];
 	uc_hook h;
 
 	if (uc_open(UC_ARCH_X86, UC_MODE_64, &e->uc))
 		return -ENOMEM;
+	uc_ctl_set_tcg_buffer_size(e->uc, tb_size);   /* before the engine initialises */
 	/* exits mode with no exits: uc_emu_start's `until` is ignored (otherwise
 	 * unicorn translates the until page at the end of every run, which
 	 * reaches the TLB-fill hook with a bogus fetch) */
