@@ -17,6 +17,9 @@
  *      the bit again and restores W.
  * Work is a word at a time and skips zero words: an idle 1 GiB slot is 4096
  * word loads.
+ *
+ * Locking: every exported function takes mmu->lock; kvmfs_mmu_mark_dirty
+ * expects it held.
  */
 #include <string.h>
 #include <pthread.h>
@@ -81,6 +84,18 @@ static int copy_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint
 		kvmfs_mmu_flush_remote(mmu);
 	pthread_mutex_unlock(&mmu->lock);
 	return 0;
+}
+
+/* Set page idx's dirty bit in a logging slot (lock held). */
+void kvmfs_mmu_mark_dirty(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx)
+{
+	uint64_t bit = 1ull << (idx % 64);
+
+	if (s->dirty && !(s->dirty[idx / 64] & bit)) {
+		s->dirty[idx / 64] |= bit;
+		s->dirty_count++;
+		mmu->stats.dirty_pages_logged++;
+	}
 }
 
 int kvmfs_dirty_get_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size)

@@ -5,7 +5,78 @@
  * expressions, no includes) and included by the native sources.  Layouts are
  * those of linux/kvm.h; kvmfs/abi.py declares the same structs for Python and
  * tests/t0_abi.py checks the two against each other.
+ *
+ * The constants below are the values of linux/kvm.h (and arch/x86's uapi
+ * headers) the native code needs, under KVM's names; each number is written
+ * here and nowhere else in native/.
  */
+
+/* kvm_run.exit_reason */
+#define KVM_EXIT_UNKNOWN 0
+#define KVM_EXIT_IO 2
+#define KVM_EXIT_DEBUG 4
+#define KVM_EXIT_HLT 5
+#define KVM_EXIT_MMIO 6
+#define KVM_EXIT_IRQ_WINDOW_OPEN 7
+#define KVM_EXIT_SHUTDOWN 8
+#define KVM_EXIT_FAIL_ENTRY 9
+#define KVM_EXIT_INTR 10
+#define KVM_EXIT_INTERNAL_ERROR 17
+
+/* kvm_run.io.direction */
+#define KVM_EXIT_IO_IN 0
+#define KVM_EXIT_IO_OUT 1
+
+/* kvm_run.internal.suberror */
+#define KVM_INTERNAL_ERROR_EMULATION 1
+
+/* kvm_run.flags */
+#define KVM_RUN_X86_SMM 1
+
+/* the IO data area: page KVM_PIO_PAGE_OFFSET of the vCPU mapping */
+#define KVM_PIO_PAGE_OFFSET 1
+
+/* kvm_run.kvm_valid_regs / kvm_dirty_regs (KVM_CAP_SYNC_REGS) */
+#define KVM_SYNC_X86_REGS 1
+#define KVM_SYNC_X86_SREGS 2
+#define KVM_SYNC_X86_EVENTS 4
+
+/* kvm_userspace_memory_region.flags */
+#define KVM_MEM_LOG_DIRTY_PAGES 1
+#define KVM_MEM_READONLY 2
+#define KVM_MEM_GUEST_MEMFD 4
+
+/* KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options */
+#define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE 1
+#define KVM_DIRTY_LOG_INITIALLY_SET 2
+
+/* memslots: KVM_USER_MEM_SLOTS on x86 and the address spaces (normal, SMM) */
+#define KVM_USER_MEM_SLOTS 32764
+#define KVM_ADDRESS_SPACE_NUM 2
+
+/* kvm_guest_debug.control */
+#define KVM_GUESTDBG_ENABLE 1
+#define KVM_GUESTDBG_SINGLESTEP 2
+
+/* kvm_vcpu_events.flags */
+#define KVM_VCPUEVENT_VALID_NMI_PENDING 1
+#define KVM_VCPUEVENT_VALID_SIPI_VECTOR 2
+#define KVM_VCPUEVENT_VALID_SHADOW 4
+#define KVM_VCPUEVENT_VALID_SMM 8
+#define KVM_VCPUEVENT_VALID_PAYLOAD 16
+#define KVM_VCPUEVENT_VALID_TRIPLE_FAULT 32
+
+/* kvm_vcpu_events.interrupt.shadow */
+#define KVM_X86_SHADOW_INT_MOV_SS 1
+#define KVM_X86_SHADOW_INT_STI 2
+
+/* kvm_cpuid_entry2.flags (the kernel's spelling) */
+#define KVM_CPUID_FLAG_SIGNIFCANT_INDEX 1
+
+/* array limits of KVM_SET_CPUID2 and KVM_GET/SET_MSRS (the kernel's
+ * MAX_IO_MSRS: nmsrs must be below it) */
+#define KVM_MAX_CPUID_ENTRIES 256
+#define KVM_MAX_MSR_ENTRIES 256
 
 struct kvm_regs {
 	uint64_t rax, rbx, rcx, rdx;

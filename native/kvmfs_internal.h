@@ -1,6 +1,10 @@
 /*
- * kvmfs_internal.h - what the native sources share: the public API plus the
- * helpers and internal structs that more than one .c file needs.
+ * kvmfs_internal.h - what every native source includes (the ABI, the
+ * exported API, x86 names, page size), plus the MMU side's internals: the
+ * structures shared by mmu.c, memslot.c, hostmem.c, spte.c, flush.c,
+ * dirty.c, walk.c and views.c, and the functions one of them calls in
+ * another.  The vCPU side uses only the exported API from here (its own
+ * internals are in vcpu_internal.h).
  */
 #ifndef KVMFS_INTERNAL_H
 #define KVMFS_INTERNAL_H
@@ -11,46 +15,29 @@
 
 #include "kvm_abi.h"
 #include "kvmfs_native.h"
+#include "x86.h"
 
 #define KVMFS_API __attribute__((visibility("default")))
 
 #define PAGE_SHIFT 12
 #define PAGE_SIZE 4096ull
-#define KVM_MEM_LOG_DIRTY_PAGES 1u
-#define KVM_MEM_READONLY 2u
-#define KVM_MEM_GUEST_MEMFD 4u
-#define KVMFS_ADDRESS_SPACES 2
-#define KVMFS_USER_MEM_SLOTS 32764
+#define KVMFS_ADDRESS_SPACES KVM_ADDRESS_SPACE_NUM
+#define KVMFS_USER_MEM_SLOTS KVM_USER_MEM_SLOTS
 
-/* ----------------------------------------------- mmu internals (mmu.c) --
- * Shared by mmu.c, walk.c and dirty.c; everything is guarded by mmu->lock.
- * vcpu.c only needs the public API (kvmfs_native.h).
+/* ---------------------------------------------------- mmu internals --
+ * Everything below is guarded by mmu->lock: the functions expect it held.
  */
 #include <pthread.h>
 #include <stdbool.h>
-
-#define X86_CR0_WP (1ull << 16)
-#define X86_CR0_PG (1ull << 31)
-#define X86_CR4_PSE (1ull << 4)
-#define X86_CR4_PAE (1ull << 5)
-#define X86_CR4_LA57 (1ull << 12)
-#define X86_CR4_SMEP (1ull << 20)
-#define X86_EFER_LMA (1ull << 10)
-#define X86_EFER_NXE (1ull << 11)
-#define X86_PF_PRESENT 1u
-#define X86_PF_WRITE 2u
-#define X86_PF_USER 4u
-#define X86_PF_RSVD 8u
-#define X86_PF_FETCH 16u
 
 /* Permission bits of kvmfs_xlate.perms: the values of unicorn's UC_PROT_*. */
 #define PROT_R 1u
 #define PROT_W 2u
 #define PROT_X 4u
 
-/* kvmfs_dirty_set_manual_protect() options (KVM_DIRTY_LOG_MANUAL_PROTECT_*) */
-#define KVMFS_MANUAL_ENABLE 1u
-#define KVMFS_MANUAL_INIT_SET 2u
+/* kvmfs_dirty_set_manual_protect() options */
+#define KVMFS_MANUAL_ENABLE KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+#define KVMFS_MANUAL_INIT_SET KVM_DIRTY_LOG_INITIALLY_SET
 
 struct kvmfs_slot;
 
@@ -136,12 +123,38 @@ struct kvmfs_walk {
 	bool dirty;               /* the leaf's D bit is set (after this access) */
 };
 
+/* unicorn-physical addresses of host ranges start here (below: the vCPU's
+ * MMIO window) */
+#define UPHYS_BASE (1ull << 40)
+
+/* memslot.c */
 struct kvmfs_slot *kvmfs_mmu_slot_of(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn);
+/* Index of the first sorted slot whose base_gfn is > gfn. */
+int memslot_upper_bound(const struct kvmfs_aspace *as, uint64_t gfn);
+void memslot_free(struct kvmfs_slot *s);
+
+/* hostmem.c */
+int hostmem_find(kvmfs_mmu *mmu, uint64_t hva);
 int kvmfs_mmu_gpa_host(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa, void **host,
 		       uint64_t *avail, uint64_t *miss_hva, struct kvmfs_slot **slotp);
-void kvmfs_mmu_mark_dirty(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx);
+bool hostmem_populate_plan(kvmfs_mmu *mmu, struct kvmfs_slot *s, int hi, uint64_t hva,
+			   void **p, size_t *len);
+void hostmem_populate_run(kvmfs_mmu *mmu, int hi, void *p, size_t len);   /* lock NOT held */
+
+/* spte.c */
+struct kvmfs_spte *spte_create(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx, int hmi,
+			       uint64_t hva);
+void spte_drop(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx);
+void spte_zap_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s);
 bool kvmfs_mmu_wp_slot(kvmfs_mmu *mmu, struct kvmfs_slot *s);
+
+/* dirty.c */
+void kvmfs_mmu_mark_dirty(kvmfs_mmu *mmu, struct kvmfs_slot *s, uint64_t idx);
+
+/* flush.c */
 void kvmfs_mmu_flush_remote(kvmfs_mmu *mmu);
+
+/* walk.c */
 /* Walk the guest tables for vaddr: 0 with out->kind OK (and *w), PF,
  * NEED_HVA or EFAULT filled in out; -errno on an internal error. */
 int kvmfs_walk_guest(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vaddr,

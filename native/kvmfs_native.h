@@ -3,93 +3,35 @@
  *
  * Conventions: functions return 0 (or a count) on success and -errno on
  * failure; they never print and never abort.  Exported names are
- * kvmfs_<concept>_<verb>.  One section per concept; each concept lives in the
- * .c file of its name.  Everything per guest access, per page or per bitmap
- * word is here, never in Python.
+ * kvmfs_<concept>_<verb>.  One section per .c file, in the order MMU side
+ * (mmu.c, memslot.c, hostmem.c, spte.c, flush.c, dirty.c), vCPU side (vcpu.c,
+ * regs.c, cpuid.c, events.c, smm.c), views.c.  Each section says who calls
+ * it: "Python" is kvmfs/_native.py's users (the daemon), "C" another native
+ * file (named); tests (t1_native_mmu, t3_vcpu) may call anything.
+ * Internal declarations are in kvmfs_internal.h and vcpu_internal.h, never here.
  *
  * Units: gpa/hva are byte addresses, gfn is a page number, size is in bytes,
  * npages in 4 KiB pages.
  */
 
-/* ------------------------------------------------------------------ mmu.c --
+/* ------------------------------------------------------------------- mmu.c --
  * One kvmfs_mmu per VM: memslots of both address spaces, the host memory the
  * daemon has mapped for them, sptes with reverse maps, dirty bitmaps.  All of
  * it is guarded by the mmu's own lock; every function below takes it.
+ * Python: new, free, get_stats.  C (vcpu_mem.c): translate, on every unicorn
+ * TLB miss and for the vCPU's own guest accesses.
  */
 typedef struct kvmfs_mmu kvmfs_mmu;
 
 kvmfs_mmu *kvmfs_mmu_new(void);
 void kvmfs_mmu_free(kvmfs_mmu *mmu);
 
-/* --- memslots --- */
-struct kvmfs_slot_info {
-	uint32_t as_id;
-	uint32_t id;
-	uint32_t flags;           /* KVM_MEM_* */
-	uint32_t pad;
-	uint64_t base_gfn;
-	uint64_t npages;
-	uint64_t userspace_addr;
-	uint64_t dirty_count;     /* pages set in the dirty bitmap (0 when not logging) */
-};
-
-/* Change kinds reported by kvmfs_memslot_set (KVM's enum kvm_mr_change). */
-#define KVMFS_MR_CREATE 1
-#define KVMFS_MR_DELETE 2
-#define KVMFS_MR_MOVE 3
-#define KVMFS_MR_FLAGS_ONLY 4
-#define KVMFS_MR_NONE 5
-
-/*
- * Apply one KVM_SET_USER_MEMORY_REGION after the caller has checked the
- * argument fields (spec 7.2 steps 1-9): decides the change from the slot's
- * current state (spec 7.3: EINVAL / EEXIST rules), then commits it (zapping
- * the old mapping for DELETE/MOVE, allocating or freeing the dirty bitmap,
- * write-protecting when logging turns on).  Returns the KVMFS_MR_* kind or
- * -errno; nothing changes on error.
- */
-int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flags,
-		      uint64_t gpa, uint64_t size, uint64_t hva);
-int kvmfs_memslot_get(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id,
-		      struct kvmfs_slot_info *out);
-/* Slots of one address space sorted by gpa, at most max; returns the count. */
-int kvmfs_memslot_list(kvmfs_mmu *mmu, uint32_t as_id, struct kvmfs_slot_info *out, int max);
-int kvmfs_memslot_count(kvmfs_mmu *mmu, uint32_t as_id);
-uint64_t kvmfs_memslot_generation(kvmfs_mmu *mmu);
-
-/* --- host memory: ranges of the VMM's address space the daemon has mapped --- */
-/*
- * Register [hva, hva+size) of the VM owner's address space as mapped at
- * daemon address `ptr` (the daemon mmap'ed the same pages).  Ranges do not
- * overlap; Python resolves /proc/PID/maps and calls this once per range.
- */
-int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
-/*
- * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
- * (all vCPUs' TLBs flushed before return) and forget the ranges it touches
- * (a range that overlaps it at all goes whole; at most max per call).
- * Returns the number of ranges removed; *ptrs and *sizes (up to max) get
- * their daemon mappings so the caller can munmap them.
- */
-int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size,
-			 void **ptrs, uint64_t *sizes, int max);
-
-/*
- * Guest-physical copy for MNT/vmN/mem (host access: no dirty bits, as a VMM
- * write is not a guest write).  Returns bytes copied (stops at a hole or an
- * unresolved page), 0 with *miss_hva set when the first page's host memory is
- * not registered yet (resolve it, then retry), -EIO for a hole at gpa.
- */
-int64_t kvmfs_mmu_read_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa,
-			   void *buf, uint64_t len, uint64_t *miss_hva);
-int64_t kvmfs_mmu_write_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa,
-			    const void *buf, uint64_t len, uint64_t *miss_hva);
-
-/* --- translation: the TLB-fill path (called by vcpu.c on a unicorn TLB miss) --- */
 struct kvmfs_paging {         /* the guest state a walk depends on */
 	uint64_t cr0, cr3, cr4, efer;
 	uint32_t cpl;
 	uint32_t as_id;           /* 1 while the vCPU is in SMM */
+	uint32_t maxphyaddr;      /* the guest's physical-address width (0: 52) */
+	uint32_t pad;
 };
 
 #define KVMFS_ACC_READ 0
@@ -125,6 +67,72 @@ struct kvmfs_xlate {
 int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vaddr,
 			int access, struct kvmfs_xlate *out);
 
+struct kvmfs_mmu_stats {
+	uint64_t fills, walks, walk_faults, mmio_faults, sptes, spte_creates;
+	uint64_t zaps, wp_faults, flushes, kicks, notifier_calls, dirty_pages_logged;
+};
+void kvmfs_mmu_get_stats(kvmfs_mmu *mmu, struct kvmfs_mmu_stats *out);
+
+/* --------------------------------------------------------------- memslot.c --
+ * KVM_SET_USER_MEMORY_REGION and the slot queries.  Python (memslots.py,
+ * vm.py, views.py); C (views.c): get.
+ */
+struct kvmfs_slot_info {
+	uint32_t as_id;
+	uint32_t id;
+	uint32_t flags;           /* KVM_MEM_* */
+	uint32_t pad;
+	uint64_t base_gfn;
+	uint64_t npages;
+	uint64_t userspace_addr;
+	uint64_t dirty_count;     /* pages set in the dirty bitmap (0 when not logging) */
+};
+
+/* Change kinds reported by kvmfs_memslot_set (KVM's enum kvm_mr_change). */
+#define KVMFS_MR_CREATE 1
+#define KVMFS_MR_DELETE 2
+#define KVMFS_MR_MOVE 3
+#define KVMFS_MR_FLAGS_ONLY 4
+#define KVMFS_MR_NONE 5
+
+/*
+ * Apply one KVM_SET_USER_MEMORY_REGION after the caller has checked the
+ * argument fields (spec 7.2 steps 1-9): decides the change from the slot's
+ * current state (spec 7.3: EINVAL / EEXIST rules), then commits it (zapping
+ * the old mapping for DELETE/MOVE, allocating or freeing the dirty bitmap,
+ * write-protecting when logging turns on).  Returns the KVMFS_MR_* kind or
+ * -errno; nothing changes on error.
+ */
+int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flags,
+		      uint64_t gpa, uint64_t size, uint64_t hva);
+int kvmfs_memslot_get(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id,
+		      struct kvmfs_slot_info *out);
+/* Slots of one address space sorted by gpa, at most max; returns the count. */
+int kvmfs_memslot_list(kvmfs_mmu *mmu, uint32_t as_id, struct kvmfs_slot_info *out, int max);
+int kvmfs_memslot_count(kvmfs_mmu *mmu, uint32_t as_id);
+uint64_t kvmfs_memslot_generation(kvmfs_mmu *mmu);
+
+/* --------------------------------------------------------------- hostmem.c --
+ * Ranges of the VMM's address space the daemon has mapped, and copies of
+ * guest-physical memory.  Python (hostmem.py, vm.py): add, remove, read_gpa,
+ * write_gpa.  C (vcpu_mem.c): list.
+ */
+/*
+ * Register [hva, hva+size) of the VM owner's address space as mapped at
+ * daemon address `ptr` (the daemon mmap'ed the same pages).  Ranges do not
+ * overlap; Python resolves /proc/PID/maps and calls this once per range.
+ */
+int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
+/*
+ * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
+ * (all vCPUs' TLBs flushed before return) and forget the ranges it touches
+ * (a range that overlaps it at all goes whole; at most max per call).
+ * Returns the number of ranges removed; *ptrs and *sizes (up to max) get
+ * their daemon mappings so the caller can munmap them.
+ */
+int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size,
+			 void **ptrs, uint64_t *sizes, int max);
+
 /* Host-memory ranges as unicorn sees them: each is uc_mem_map_ptr'ed once per
  * engine at uphys.  Append-only list; removed ranges keep their index with
  * size 0.  Returns the number of ranges (index space), fills up to max. */
@@ -134,7 +142,42 @@ struct kvmfs_hostmem_info {
 };
 int kvmfs_hostmem_list(kvmfs_mmu *mmu, struct kvmfs_hostmem_info *out, int max);
 
-/* --- remote TLB flush: every zap forgets the pages in every vCPU's TLB --- */
+/*
+ * Guest-physical copy for MNT/vmN/mem (host access: no dirty bits, as a VMM
+ * write is not a guest write).  Returns bytes copied (stops at a hole or an
+ * unresolved page), 0 with *miss_hva set when the first page's host memory is
+ * not registered yet (resolve it, then retry), -EIO for a hole at gpa.
+ */
+int64_t kvmfs_mmu_read_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa,
+			   void *buf, uint64_t len, uint64_t *miss_hva);
+int64_t kvmfs_mmu_write_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa,
+			    const void *buf, uint64_t len, uint64_t *miss_hva);
+
+/* ------------------------------------------------------------------ spte.c --
+ * Aging and the spte list.  Python (commands.py): test_young, clear_young.
+ * C (views.c): list_sptes.
+ */
+/* KVM's test_young / clear_young over a gfn range: the number of sptes with A set. */
+int64_t kvmfs_mmu_test_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint64_t npages);
+int64_t kvmfs_mmu_clear_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint64_t npages);
+
+struct kvmfs_spte_info {
+	uint32_t as_id;
+	uint32_t flags;           /* KVMFS_SPTE_* */
+	uint64_t gfn;
+	uint64_t hva;
+	uint64_t uphys;
+};
+#define KVMFS_SPTE_W 1
+#define KVMFS_SPTE_X 2
+#define KVMFS_SPTE_A 4
+#define KVMFS_SPTE_D 8
+/* Fills up to max records; returns the total number of sptes. */
+int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max);
+
+/* ----------------------------------------------------------------- flush.c --
+ * The remote TLB flush.  C only (vcpu.c); never Python.
+ */
 /*
  * A vCPU attaches its flush client; a zap bumps the flush generation, calls
  * kick(opaque) for each attached client whose acked generation is older and
@@ -165,7 +208,9 @@ void kvmfs_mmu_enter(kvmfs_mmu *mmu, struct kvmfs_flush_client *c);
 void kvmfs_mmu_leave(kvmfs_mmu *mmu, struct kvmfs_flush_client *c);
 void kvmfs_mmu_ack_flush(kvmfs_mmu *mmu, struct kvmfs_flush_client *c, uint64_t gen);
 
-/* --- dirty logging (spec 8) --- */
+/* ----------------------------------------------------------------- dirty.c --
+ * The dirty log (spec 8).  Python (vm.py); C (views.c): peek.
+ */
 /* Enable/disable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options (ENABLE=1, INITIALLY_SET=2). */
 void kvmfs_dirty_set_manual_protect(kvmfs_mmu *mmu, uint32_t options);
 /* KVM_GET_DIRTY_LOG: copy ALIGN(npages,64)/8 bytes into out; without manual
@@ -179,35 +224,11 @@ int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t 
 /* Copy the bitmap without clearing (for info/dirty views). */
 int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size);
 
-/* --- aging: KVM's test_young / clear_young over a gfn range --- */
-int64_t kvmfs_mmu_test_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint64_t npages);
-int64_t kvmfs_mmu_clear_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint64_t npages);
-
-/* --- views and counters --- */
-struct kvmfs_spte_info {
-	uint32_t as_id;
-	uint32_t flags;           /* KVMFS_SPTE_* */
-	uint64_t gfn;
-	uint64_t hva;
-	uint64_t uphys;
-};
-#define KVMFS_SPTE_W 1
-#define KVMFS_SPTE_X 2
-#define KVMFS_SPTE_A 4
-#define KVMFS_SPTE_D 8
-/* Fills up to max records; returns the total number of sptes. */
-int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max);
-
-struct kvmfs_mmu_stats {
-	uint64_t fills, walks, walk_faults, mmio_faults, sptes, spte_creates;
-	uint64_t zaps, wp_faults, flushes, kicks, notifier_calls, dirty_pages_logged;
-};
-void kvmfs_mmu_get_stats(kvmfs_mmu *mmu, struct kvmfs_mmu_stats *out);
-
-/* ----------------------------------------------------------------- vcpu.c --
+/* ------------------------------------------------------------------ vcpu.c --
  * One kvmfs_vcpu per vCPU: a unicorn x86 engine in UC_TLB_VIRTUAL mode whose
  * TLB-fill hook is kvmfs_mmu_translate, entered and left from C in the thread
- * that serves KVM_RUN (cffi releases the GIL around the call).
+ * that serves KVM_RUN (cffi releases the GIL around the call).  Python
+ * (vcpu.py, vm.py, cli.py).
  */
 typedef struct kvmfs_vcpu kvmfs_vcpu;
 
@@ -229,30 +250,53 @@ void kvmfs_vcpu_kick(kvmfs_vcpu *v);
  * thread (libfuse's "intr" option signals the thread serving an interrupted
  * request). */
 int kvmfs_vcpu_install_intr_signal(int signo);
+int kvmfs_vcpu_set_guest_debug(kvmfs_vcpu *v, uint32_t control);
 
+struct kvmfs_vcpu_stats {
+	uint64_t runs;
+	uint64_t exits[64];       /* by KVM_EXIT_* reason */
+	uint64_t last_exit_reason;
+	uint64_t insns_hint;      /* guest instructions, when counted */
+	uint64_t smis;            /* SMM entries */
+};
+void kvmfs_vcpu_get_stats(kvmfs_vcpu *v, struct kvmfs_vcpu_stats *out);
+
+/* ------------------------------------------------------------------ regs.c --
+ * KVM_GET/SET_REGS, SREGS, FPU, MSRS.  Python (vcpu.py, views.py); C (smm.c).
+ */
 int kvmfs_vcpu_get_regs(kvmfs_vcpu *v, struct kvm_regs *out);
 int kvmfs_vcpu_set_regs(kvmfs_vcpu *v, const struct kvm_regs *in);
 int kvmfs_vcpu_get_sregs(kvmfs_vcpu *v, struct kvm_sregs *out);
 int kvmfs_vcpu_set_sregs(kvmfs_vcpu *v, const struct kvm_sregs *in);
 int kvmfs_vcpu_get_fpu(kvmfs_vcpu *v, struct kvm_fpu *out);
 int kvmfs_vcpu_set_fpu(kvmfs_vcpu *v, const struct kvm_fpu *in);
-/* Returns the number of entries processed (KVM_GET/SET_MSRS semantics). */
+/* Returns the number of entries processed (KVM_GET/SET_MSRS semantics), or
+ * -E2BIG for n >= KVM_MAX_MSR_ENTRIES. */
 int kvmfs_vcpu_get_msrs(kvmfs_vcpu *v, struct kvm_msr_entry *e, uint32_t n);
 int kvmfs_vcpu_set_msrs(kvmfs_vcpu *v, const struct kvm_msr_entry *e, uint32_t n);
+
+/* ----------------------------------------------------------------- cpuid.c --
+ * KVM_SET_CPUID2 and KVM_GET_SUPPORTED_CPUID.  Python (vcpu.py).
+ */
 int kvmfs_vcpu_set_cpuid(kvmfs_vcpu *v, const struct kvm_cpuid_entry2 *e, uint32_t n);
 /* KVM_GET_SUPPORTED_CPUID's list; returns the count or -E2BIG when max is short. */
 int kvmfs_supported_cpuid(struct kvm_cpuid_entry2 *out, uint32_t max);
+
+/* ---------------------------------------------------------------- events.c --
+ * KVM_INTERRUPT and KVM_GET/SET_VCPU_EVENTS.  Python (vcpu.py, views.py).
+ */
 int kvmfs_vcpu_interrupt(kvmfs_vcpu *v, uint32_t irq);
-int kvmfs_vcpu_smi(kvmfs_vcpu *v);
 /* KVM_GET/SET_VCPU_EVENTS: 0 or -EINVAL (flags or values KVM refuses). */
 int kvmfs_vcpu_get_events(kvmfs_vcpu *v, struct kvm_vcpu_events *out);
 int kvmfs_vcpu_set_events(kvmfs_vcpu *v, const struct kvm_vcpu_events *in);
-int kvmfs_vcpu_set_guest_debug(kvmfs_vcpu *v, uint32_t control);
 
-/* ------------------------------------------------------------------ smm.c --
- * The SMRAM state-save map (512 bytes at SMBASE + 0xFE00), in KVM's 64-bit
- * layout (lm: the guest's CPUID has long mode) or its 32-bit one.
+/* ------------------------------------------------------------------- smm.c --
+ * KVM_SMI; the SMRAM state-save map (512 bytes at SMBASE + 0xFE00), in
+ * KVM's 64-bit layout (lm: the guest's CPUID has long mode) or its 32-bit one.
+ * Python (vcpu.py): smi.  C (smm.c itself): smram_save/load (tests compare
+ * them with KVM's layout).
  */
+int kvmfs_vcpu_smi(kvmfs_vcpu *v);
 #define KVMFS_SMRAM_MAP_SIZE 512
 struct kvmfs_smm_state {
 	struct kvm_regs regs;
@@ -264,19 +308,11 @@ struct kvmfs_smm_state {
 void kvmfs_smram_save(uint8_t *map, const struct kvmfs_smm_state *st, int lm);
 void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, int lm);
 
-struct kvmfs_vcpu_stats {
-	uint64_t runs;
-	uint64_t exits[64];       /* by KVM_EXIT_* reason */
-	uint64_t last_exit_reason;
-	uint64_t insns_hint;      /* guest instructions, when counted */
-	uint64_t smis;            /* SMM entries */
-};
-void kvmfs_vcpu_get_stats(kvmfs_vcpu *v, struct kvmfs_vcpu_stats *out);
-
 /* ---------------------------------------------------------------- views.c --
  * The per-page text views, formatted in C: at most size bytes of text go to
  * buf; the return value is the length of the whole text (retry with a bigger
  * buffer when it is more than size), or -errno.
+ * Python (views.py).
  */
 int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size);
 int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, char *buf, uint64_t size);

@@ -3,13 +3,25 @@
  * 512 bytes at SMBASE + 0xFE00 in the SMM address space, AMD64-based for
  * guests whose CPUID has long mode, P6-based (32-bit) for the others.
  *
- * Only the conversions between the map and the vCPU's register blocks live
- * here; vcpu.c decides when to enter and leave SMM and applies the state.
- * Offsets are from the start of the map (SMBASE + 0xFE00).
+ * The first half converts between the map and the vCPU's register blocks
+ * (offsets are from the start of the map, SMBASE + 0xFE00: the layout is
+ * declared by the offsets of save64/load64 and save32/load32).  The second
+ * half is SMM entry (KVM's enter_smm) and RSM (emulator_leave_smm):
+ *
+ *   RUNNING --SMI pending, not in SMM--> map saved, SMM (address space 1)
+ *   SMM --RSM--> map loaded, RUNNING   (a state RSM cannot enter: SHUTDOWN)
+ *
+ * Locking: none; it runs in the vCPU's thread (kvmfs_smram_* are pure).
  */
 #include <string.h>
 
-#include "kvmfs_internal.h"
+#include "vcpu_internal.h"
+
+#define SMRAM_MAP_OFFSET 0xfe00       /* the map, from SMBASE */
+#define SMM_HANDLER_RIP 0x8000        /* the handler's entry, from SMBASE */
+#define SMM_AS_ID 1                   /* SMRAM is in the SMM address space */
+#define SMM_REVISION_64 0x00020064    /* revision ids KVM writes */
+#define SMM_REVISION_32 0x00020000
 
 /* kvm_regs order -> the architectural order KVM uses (RAX RCX RDX RBX RSP RBP RSI RDI R8..) */
 static uint64_t *gpr(struct kvm_regs *r, int i)
@@ -85,7 +97,7 @@ static void save64(uint8_t *m, const struct kvmfs_smm_state *st)
 	PUT(uint64_t, m, 0x150, s.cr3);
 	PUT(uint64_t, m, 0x148, s.cr4);
 	PUT(uint32_t, m, 0x100, st->smbase);
-	PUT(uint32_t, m, 0x0fc, 0x00020064);             /* revision id */
+	PUT(uint32_t, m, 0x0fc, SMM_REVISION_64);
 	PUT(uint64_t, m, 0x0d0, s.efer);
 	PUT(uint8_t, m, 0x0cb, st->int_shadow);
 	seg64_put(m, 0x090, &s.tr);
@@ -105,7 +117,7 @@ static void load64(const uint8_t *m, struct kvmfs_smm_state *st)
 	for (int i = 0; i < 16; i++)
 		*gpr(&st->regs, i) = GET(uint64_t, m, 0x1f8 - i * 8);
 	st->regs.rip = GET(uint64_t, m, 0x178);
-	st->regs.rflags = GET(uint32_t, m, 0x170) | 2;
+	st->regs.rflags = GET(uint32_t, m, 0x170) | X86_RFLAGS_FIXED;
 	st->dr6 = GET(uint64_t, m, 0x168);
 	st->dr7 = GET(uint64_t, m, 0x160);
 	s->cr0 = GET(uint64_t, m, 0x158);
@@ -169,7 +181,7 @@ static void save32(uint8_t *m, const struct kvmfs_smm_state *st)
 		seg32_put(m, seg32_off(n), 0x1a8 + n * 4, sreg(&s, n));
 	PUT(uint32_t, m, 0x114, s.cr4);
 	PUT(uint8_t, m, 0x11a, st->int_shadow);
-	PUT(uint32_t, m, 0x0fc, 0x00020000);             /* revision id */
+	PUT(uint32_t, m, 0x0fc, SMM_REVISION_32);
 	PUT(uint32_t, m, 0x0f8, st->smbase);
 }
 
@@ -179,7 +191,7 @@ static void load32(const uint8_t *m, struct kvmfs_smm_state *st)
 
 	s->cr0 = GET(uint32_t, m, 0x1fc);
 	s->cr3 = GET(uint32_t, m, 0x1f8);
-	st->regs.rflags = GET(uint32_t, m, 0x1f4) | 2;
+	st->regs.rflags = GET(uint32_t, m, 0x1f4) | X86_RFLAGS_FIXED;
 	st->regs.rip = GET(uint32_t, m, 0x1f0);
 	for (int i = 0; i < 8; i++)
 		*gpr(&st->regs, i) = GET(uint32_t, m, 0x1d0 + i * 4);
@@ -216,4 +228,114 @@ KVMFS_API void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, 
 		load64(map, st);
 	else
 		load32(map, st);
+}
+
+/* ------------------------------------------------------- entry and RSM -- */
+
+static void smm_state_now(kvmfs_vcpu *v, struct kvmfs_smm_state *st)
+{
+	memset(st, 0, sizeof(*st));
+	kvmfs_vcpu_get_regs(v, &st->regs);
+	kvmfs_vcpu_get_sregs(v, &st->sregs);
+	st->dr6 = rreg(v, UC_X86_REG_DR6);
+	st->dr7 = rreg(v, UC_X86_REG_DR7);
+	st->smbase = v->smbase;
+	st->int_shadow = 0;               /* the shadow is not tracked across exits */
+}
+
+/*
+ * Take a pending SMI (KVM's enter_smm): save the state to SMRAM in address
+ * space 1, then start the handler at SMBASE:0x8000 in big real mode.  The map
+ * is written before anything changes, so a NEED_HVA retry starts over.  A map
+ * with nowhere to go kills the VM, as in KVM.
+ */
+int enter_smm(kvmfs_vcpu *v)
+{
+	struct kvmfs_smm_state st;
+	uint8_t map[KVMFS_SMRAM_MAP_SIZE];
+	struct kvmfs_xlate xl;
+	bool lm = guest_has_lm(v);
+
+	smm_state_now(v, &st);
+	kvmfs_smram_save(map, &st, lm);
+	int k = gphys(v, SMM_AS_ID, (uint64_t)v->smbase + SMRAM_MAP_OFFSET, map, sizeof map, true, &xl);
+	if (k == KVMFS_XL_NEED_HVA)
+		return KVMFS_RUN_NEED_HVA;          /* miss_hva set by copy_guest */
+	if (k) {
+		v->miss_hva = (uint64_t)v->smbase + SMRAM_MAP_OFFSET;   /* reported by the caller */
+		return KVMFS_RUN_VM_DEAD;
+	}
+	v->smi_pending = false;
+	v->in_smm = true;
+	v->stats.smis++;
+
+	struct kvm_regs *r = &st.regs;
+	struct kvm_sregs *s = &st.sregs;
+	r->rflags = X86_RFLAGS_FIXED;
+	r->rip = SMM_HANDLER_RIP;
+	s->cr0 &= ~(X86_CR0_PE | X86_CR0_EM | X86_CR0_TS | X86_CR0_PG);
+	s->cr4 = 0;
+	s->idt.base = 0;
+	s->idt.limit = 0;                 /* undocumented, as KVM */
+	struct kvm_segment data = { .base = 0, .limit = 0xffffffff, .selector = 0,
+				    .type = X86_DESC_TYPE_RW_DATA, .present = 1, .s = 1, .g = 1 };
+	s->ds = s->es = s->fs = s->gs = s->ss = data;
+	s->cs = data;
+	s->cs.selector = (v->smbase >> 4) & 0xffff;
+	s->cs.base = v->smbase;
+	s->efer = lm ? 0 : s->efer & ~(X86_EFER_LME | X86_EFER_LMA);
+	kvmfs_vcpu_set_sregs(v, s);
+	kvmfs_vcpu_set_regs(v, r);
+	wreg(v, UC_X86_REG_DR7, X86_DR7_RESET);
+	return 0;
+}
+
+/*
+ * RSM (KVM's emulator_leave_smm), reached as the #UD unicorn raises for RSM
+ * outside its own SMM.  Returns 0, KVMFS_RUN_NEED_HVA (nothing changed; RSM
+ * runs again), or 1 when the state cannot be entered: KVM then triple-faults.
+ */
+int leave_smm(kvmfs_vcpu *v)
+{
+	struct kvmfs_smm_state st;
+	uint8_t map[KVMFS_SMRAM_MAP_SIZE];
+	struct kvmfs_xlate xl;
+	bool lm = guest_has_lm(v);
+
+	int k = gphys(v, SMM_AS_ID, (uint64_t)v->smbase + SMRAM_MAP_OFFSET, map, sizeof map, false, &xl);
+	if (k == KVMFS_XL_NEED_HVA)
+		return KVMFS_RUN_NEED_HVA;          /* miss_hva set by copy_guest */
+	v->in_smm = false;
+	v->smm_inside_nmi = false;
+	if (k)
+		return 1;
+	smm_state_now(v, &st);            /* what the map does not hold stays */
+	kvmfs_smram_load(map, &st, lm);
+	struct kvm_sregs *s = &st.sregs;
+	if (lm) {
+		s->efer &= ~X86_EFER_LMA;
+		if ((s->efer & X86_EFER_LME) && (s->cr0 & X86_CR0_PG))
+			s->efer |= X86_EFER_LMA;
+	}
+	v->smbase = st.smbase;
+	if (kvmfs_vcpu_set_sregs(v, s))
+		return 1;
+	kvmfs_vcpu_set_regs(v, &st.regs);
+	wreg(v, UC_X86_REG_DR6, st.dr6);
+	wreg(v, UC_X86_REG_DR7, st.dr7);
+	return 0;
+}
+
+/* Is the instruction at RIP an RSM (0F AA)? */
+bool at_rsm(kvmfs_vcpu *v)
+{
+	uint8_t b[2] = { 0, 0 };
+	struct kvmfs_xlate xl;
+	return !gmem(v, live_pc(v), b, 2, false, &xl) && b[0] == X86_OP_2BYTE && b[1] == X86_OP2_RSM;
+}
+
+KVMFS_API int kvmfs_vcpu_smi(kvmfs_vcpu *v)
+{
+	v->smi_pending = true;            /* taken at the next KVM_RUN, or after RSM */
+	return 0;
 }

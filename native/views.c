@@ -5,6 +5,9 @@
  * Both functions write at most `size` bytes of text into buf and return the
  * length the whole text needs; the caller retries with a bigger buffer when
  * that is more than it gave.  Negative: -errno.
+ *
+ * Locking: none of its own; the MMU calls it makes take mmu->lock each (a view
+ * is a snapshot per call, not an atomic one).
  */
 #include <stdarg.h>
 #include <stdio.h>

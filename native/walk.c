@@ -13,8 +13,13 @@
  * (only with EFER.NXE; bit 63 set without NXE is a reserved-bit fault).
  * Supervisor writes ignore R/W unless CR0.WP; CR4.SMEP forbids supervisor
  * fetches from user pages.  SMAP is not modelled (the walker does not see
- * RFLAGS.AC), and the only reserved bits checked are NX without NXE and PS
- * above the 1 GiB level (address bits above MAXPHYADDR are taken as given).
+ * RFLAGS.AC).  Reserved bits, checked as KVM's is_rsvd_bits_set does for
+ * 64-bit entries (PAE and long mode, PDPTEs aside: KVM checks those at CR3
+ * load): address bits at or above the guest's MAXPHYADDR (pg->maxphyaddr,
+ * from its CPUID; 0 = 52), NX without NXE, PS above the 1 GiB level, and the
+ * bits between PAT and the frame of a 2 MiB or 1 GiB page.  A set reserved
+ * bit is a #PF with P and RSVD in the error code, not an access to the
+ * address (32-bit entries have no reserved bits checked).
  * The CPL is the caller's: unicorn's fill hook does not say whether an
  * access is an implicit supervisor one (IDT, GDT, TSS at CPL 3).  PDPTEs are read at each walk (hardware caches them at CR3
  * load) and carry no rights or A bit.
@@ -32,6 +37,9 @@
  * puts its page tables in MMIO is not supported).  An entry whose host memory
  * is not registered yet ends the walk with NEED_HVA (out->hva, and out->gpa =
  * the table page), and the fill is retried after the daemon resolves it.
+ *
+ * Locking: called by kvmfs_mmu_translate with mmu->lock held; it reads and
+ * CASes guest memory, which the guest may change concurrently.
  */
 #include "kvmfs_internal.h"
 
@@ -43,6 +51,7 @@
 #define PTE_D (1ull << 6)
 #define PTE_PS (1ull << 7)
 #define PTE_NX (1ull << 63)
+#define PTE_LARGE_PAT_BIT 12        /* PAT of a large page; reserved above it */
 #define WALK_RETRIES 8
 
 struct entry {
@@ -113,6 +122,11 @@ int kvmfs_walk_guest(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vad
 	uint32_t code = (write ? X86_PF_WRITE : 0) | (user ? X86_PF_USER : 0) |
 			(fetch && (nxe || smep) ? X86_PF_FETCH : 0);
 
+	unsigned mpa = pg->maxphyaddr && pg->maxphyaddr < X86_MAXPHYADDR_LIMIT ?
+		       pg->maxphyaddr : X86_MAXPHYADDR_LIMIT;
+	/* address bits the guest's physical-address width does not have */
+	uint64_t rsvd_addr = PHYS_MASK & ~((1ull << mpa) - 1);
+
 	for (int attempt = 0;; attempt++) {
 		struct entry ents[5];
 		int n = 0, levels, level, r;
@@ -154,7 +168,7 @@ int kvmfs_walk_guest(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vad
 				return fault(out, code);
 			pte = e->val;
 			n++;
-			if (wide && !nxe && (pte & PTE_NX))
+			if (wide && ((!nxe && (pte & PTE_NX)) || (pte & rsvd_addr)))
 				return fault(out, code | X86_PF_PRESENT | X86_PF_RSVD);
 			rw &= !!(pte & PTE_RW);
 			us &= !!(pte & PTE_US);
@@ -169,6 +183,8 @@ int kvmfs_walk_guest(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t vad
 					if (level > 3)
 						return fault(out, code | X86_PF_PRESENT | X86_PF_RSVD);
 					page_mask = (1ull << shift) - 1;
+					if (pte & page_mask & ~((2ull << PTE_LARGE_PAT_BIT) - 1))
+						return fault(out, code | X86_PF_PRESENT | X86_PF_RSVD);
 					base = pte & PHYS_MASK & ~page_mask;
 					break;
 				}
