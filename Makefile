@@ -32,7 +32,7 @@ $(SO): $(STAMP) $(NATIVE)
 	@$(PY) native/build.py
 	@touch $@
 
-# The guest images (guests/*.S -> build/guests/*.bin), reassembled when a source changes.
+# The guest images (kvmfs/guests/*.S -> build/guests/*.bin), reassembled when a source changes.
 guests: $(STAMP)
 	@$(PY) -m kvmfs.guests
 

@@ -7,7 +7,7 @@ turns what it sees into text lines, and the vCPU API cases (API_CASES) that need
 no guest code.  tests/t6_guests.py runs both tables; `python tests/guestcases.py
 [MNT]` prints every case's lines (on /dev/kvm without MNT).
 
-A case names a guest (guests/NAME.S, built by kvmfs.guests), a set-up, a VMM
+A case names a guest (kvmfs/guests/NAME.S, built by kvmfs.guests), a set-up, a VMM
 script and the result it expects.  The result is a list of lines, one per
 KVM_RUN:
 

@@ -186,7 +186,7 @@ DEMO_EXPECT = ["HLT", "hello from real mode\nhello from 32-bit protected mode\n"
 
 
 def test_demo_guest(real_kvm, mounted):
-    """guests/demo.S prints in real, protected and long mode, and dirties exactly 8 pages."""
+    """kvmfs/guests/demo.S prints in real, protected and long mode, and dirties exactly 8 pages."""
     theirs = in_child(lambda: run_demo(None))
     assert theirs == DEMO_EXPECT
     ours = in_child(lambda: run_demo(str(mounted)))

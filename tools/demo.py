@@ -51,7 +51,7 @@ def run_guest(mnt, kvm):
     regs = vcpu.get_regs()
     regs.rip, regs.rflags = load, 2
     vcpu.set_regs(regs)
-    step(f"run the bundled guest on {vm.dir}/vcpu0 (its source: guests/demo.S)")
+    step(f"run the bundled guest on {vm.dir}/vcpu0 (its source: kvmfs/guests/demo.S)")
     text = b""
     exits = {}
     logged = False

@@ -1,4 +1,4 @@
-"""The guest images: guests/NAME.S assembled into build/guests/NAME.bin.
+"""The guest images: kvmfs/guests/NAME.S assembled into build/guests/NAME.bin.
 
 Owns: turning a guest source into the flat binary a VMM copies into guest
 memory.  Each source says at its top, on a line of its own,
@@ -16,18 +16,23 @@ say how the VMM sets the vCPU up.  The source picks its own mode with
     guests.load("demo")   # its bytes
     guests.gpa("demo")    # 0x1000
 
-`python -m kvmfs.guests` builds every guests/*.S (the Makefile's `guests` target).
+`python -m kvmfs.guests` builds every image that is missing or older than its source
+(the Makefile's `guests` target) and names the ones it built.  The sources ship with the
+package; images go to build/guests in a source tree, else to ~/.cache/kvmfs/guests.
 Needs binutils (`as`, `ld`, `objcopy`).
 """
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC_DIR = os.path.join(REPO, "guests")
-OUT_DIR = os.path.join(REPO, "build", "guests")
+SRC_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(SRC_DIR))
+if os.path.exists(os.path.join(REPO, "pyproject.toml")):       # a source tree (or editable install)
+    OUT_DIR = os.path.join(REPO, "build", "guests")
+else:
+    OUT_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                           "kvmfs", "guests")
 DEFAULT_GPA = 0x1000
 _LOAD = re.compile(r"^\s*(?:#|/?\*)\s*load:\s*(0x[0-9a-fA-F]+|[0-9]+)\b", re.M)
 
@@ -78,13 +83,17 @@ def _assemble(src, base, out):
     os.replace(tmp, out)       # atomic: a concurrent reader sees the old or the new image
 
 
-def path(name):
-    """build/guests/NAME.bin, (re)assembled when missing or older than guests/NAME.S."""
-    src = source(name)
+def stale(name):
     out = os.path.join(OUT_DIR, name + ".bin")
-    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+    return not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(source(name))
+
+
+def path(name):
+    """OUT_DIR/NAME.bin, (re)assembled when missing or older than its source."""
+    out = os.path.join(OUT_DIR, name + ".bin")
+    if stale(name):
         os.makedirs(OUT_DIR, exist_ok=True)
-        _assemble(src, gpa(name), out)
+        _assemble(source(name), gpa(name), out)
     return out
 
 
@@ -96,9 +105,8 @@ def load(name):
 
 def main(argv):
     for n in argv or names():
-        p = path(n)
-        print(f"{os.path.relpath(p, REPO)}: {os.path.getsize(p)} bytes at gpa {gpa(n):#x}")
+        if stale(n):
+            p = path(n)
+            print(f"assembled {os.path.relpath(p, REPO)}: {os.path.getsize(p)} bytes at gpa {gpa(n):#x}")
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
