@@ -161,6 +161,15 @@ def view_text(fn_name, *args):
         size = n + 4096
 
 
+def view_dirty(mmu, as_id, sid, cursor, size=1 << 16):
+    """(text, cursor): the next piece of info/dirty/A.S from cursor (0 at first);
+    b"" at the end."""
+    c = ffi.new("uint64_t *", cursor)
+    buf = ffi.new("char[]", size)
+    n = ensure(lib.kvmfs_view_dirty(mmu, as_id, sid, c, buf, size), "view dirty", warn=False)
+    return ffi.unpack(buf, n), c[0]
+
+
 # --- vcpu.c: one engine per vCPU ---------------------------------------------------------
 def vcpu_new(mmu, vcpu_id, run):
     """A native vCPU over the kvm_run area `run`, which must stay mapped until vcpu_free."""

@@ -93,7 +93,7 @@ class Node:
 class Handle:
     """An open file.  It holds its VM (Vm.hold) until released, so nothing it can
     reach is freed under a request; a VM or vCPU file also counts as a KVM fd."""
-    __slots__ = ("node", "obj", "kind", "vm", "reply", "cursor", "text")
+    __slots__ = ("node", "obj", "kind", "vm", "reply", "cursor", "view")
 
     def __init__(self, node, obj):
         self.node = node
@@ -103,7 +103,7 @@ class Handle:
         self.reply = None        # text-command answer waiting to be read
         self.cursor = 0          # how much of it was read: answers ignore the file offset,
                                  # which the command written before them has moved
-        self.text = None         # a view's text, fixed at open so reads are consistent
+        self.view = None         # a view's reader (views.Fixed or views.Streamed)
 
 
 def _parse_id(name, prefix):
@@ -258,7 +258,7 @@ class KvmFs:
             raise KvmError(errno.ENOENT, "open", f"{path}: the VM is gone", warn=False)
         try:
             if node.kind == VIEW:
-                h.text = views.render(self.system, node.vm, node.view, caller()).encode()
+                h.view = views.open_view(self.system, node.vm, node.view, caller())
             if node.kind in REF_KINDS:
                 node.vm.get_ref()
         except BaseException:
@@ -311,7 +311,7 @@ class KvmFs:
             self._check_owner(h.node, "read guest memory")
             return h.vm.access_gpa(h.node.as_id, offset, size)
         if kind == VIEW:
-            return h.text[offset:offset + size]
+            return h.view.read(offset, size)
         if kind in CMD_KINDS:
             if h.reply is None:
                 h.reply = commands.last_reply(h.obj)

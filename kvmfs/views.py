@@ -8,9 +8,12 @@ system views hold each VM while they read it and list only the VMs the reader
 may use (root: all).
 """
 import ctypes
+import errno
 import json
+import threading
 
-from kvmfs import _native as native, abi
+from kvmfs import _native as native, abi, hostmem
+from kvmfs.errors import KvmError
 
 SYSTEM_VIEWS = ("vms", "caps", "json")
 VM_VIEWS = ("memslots", "vcpus", "stats", "mmu")
@@ -50,12 +53,57 @@ def dirty_names(vm):
             if s.flags & abi.KVM_MEM_LOG_DIRTY_PAGES]
 
 
+class Fixed:
+    """A view's text, taken whole when it is opened (small views: consistent reads)."""
+
+    def __init__(self, text):
+        self.data = text.encode()
+
+    def read(self, offset, size):
+        return self.data[offset:offset + size]
+
+
+class Streamed:
+    """A view produced piece by piece as it is read, so that its size costs the
+    daemon nothing up front: produce(cursor) -> (bytes, next cursor), b"" at the
+    end.  Reading on from where the last read stopped (cat, less) costs one piece
+    at a time; reading an earlier offset starts over."""
+
+    def __init__(self, produce):
+        self.produce = produce
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self):
+        self.cursor, self.base, self.data, self.done = 0, 0, b"", False
+
+    def read(self, offset, size):
+        with self.lock:
+            if offset < self.base:
+                self._start()
+            while not self.done and self.base + len(self.data) < offset + size:
+                piece, self.cursor = self.produce(self.cursor)
+                if not piece:
+                    self.done = True
+                skip = min(max(offset - self.base, 0), len(self.data))
+                self.data = self.data[skip:] + piece        # keep only what is not read yet
+                self.base += skip
+            start = offset - self.base
+            return self.data[start:start + size]
+
+
+def open_view(system, vm, view, who):
+    """The view `view` (of vm, or of the system) for the caller `who`: a Fixed or
+    Streamed object with read(offset, size)."""
+    if vm is not None and view.startswith("dirty/"):
+        return Streamed(dirty_producer(vm, view[6:]))
+    return Fixed(render(system, vm, view, who))
+
+
 def render(system, vm, view, who):
-    """The text of one view for the caller `who` (a Caller)."""
+    """The text of one (fixed) view for the caller `who` (a Caller)."""
     if vm is None:
         return {"vms": render_vms, "caps": render_caps, "json": as_json}[view](system, who)
-    if view.startswith("dirty/"):
-        return render_dirty(vm, view[6:])
     if view.startswith("vcpu") and view != "vcpus":
         return render_vcpu(vm.vcpus[int(view[4:])])
     return {"memslots": render_memslots, "vcpus": render_vcpus, "stats": render_stats,
@@ -97,7 +145,7 @@ def slot_rows(vm):
             if vm.hostmem.allocated_by_kvmfs(s.userspace_addr):
                 backing = "kvmfs-allocated shared"
             else:
-                vma = vm.hostmem.find_vma(s.userspace_addr) if size else None
+                vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
                 backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
                     " shared" if vma.perms[3] == "s" else " private")
             rows.append({"as": s.as_id, "slot": s.id, "gpa_start": s.base_gfn << abi.PAGE_SHIFT,
@@ -211,9 +259,18 @@ def render_mmu(vm):
     return native.view_text("sptes", vm.mmu).decode()
 
 
-def render_dirty(vm, name):
+def dirty_producer(vm, name):
+    """info/dirty/A.S in pieces from C; a slot that stops logging ends the view."""
     as_id, sid = (int(x) for x in name.split("."))
-    return native.view_text("dirty", vm.mmu, as_id, sid).decode()
+
+    def produce(cursor):
+        try:
+            return native.view_dirty(vm.mmu, as_id, sid, cursor)
+        except KvmError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return b"", cursor
+    return produce
 
 
 def as_json(system, who):

@@ -108,6 +108,23 @@ int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uin
 	return copy_log(mmu, as_id, id, out, out_size, false);
 }
 
+int64_t kvmfs_dirty_peek_words(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t first_word,
+				uint64_t *out, uint64_t nwords)
+{
+	struct kvmfs_slot *s;
+	int rc = lock_logging_slot(mmu, as_id, id, &s);
+
+	if (rc)
+		return rc;
+	uint64_t words = (s->npages + 63) / 64;
+	uint64_t n = first_word < words ? words - first_word : 0;
+	if (n > nwords)
+		n = nwords;
+	memcpy(out, s->dirty + first_word, n * 8);
+	pthread_mutex_unlock(&mmu->lock);
+	return (int64_t)n;
+}
+
 int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t first_page,
 			  uint32_t num_pages, const void *mask)
 {

@@ -223,6 +223,10 @@ int kvmfs_dirty_clear_log(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t 
 			  uint32_t num_pages, const void *mask);
 /* Copy the bitmap without clearing (for info/dirty views). */
 int kvmfs_dirty_peek(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, void *out, uint64_t out_size);
+/* The same for at most nwords 64-page words from first_word on: the count
+ * copied (0 past the end). */
+int64_t kvmfs_dirty_peek_words(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t first_word,
+			       uint64_t *out, uint64_t nwords);
 
 /* ------------------------------------------------------------------ vcpu.c --
  * One kvmfs_vcpu per vCPU: a unicorn x86 engine in UC_TLB_VIRTUAL mode whose
@@ -315,4 +319,11 @@ void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, int lm);
  * Python (views.py).
  */
 int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size);
-int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, char *buf, uint64_t size);
+/*
+ * info/dirty/A.S in pieces, so that a view of a huge logged slot is streamed:
+ * the lines from *cursor on (0: the header first; c > 0: pages from c - 1),
+ * whole lines only, at most size bytes (size >= 64).  Returns the bytes
+ * written, 0 at the end, and moves *cursor past them.
+ */
+int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t *cursor,
+			 char *buf, uint64_t size);

@@ -2,9 +2,10 @@
  * views.c - the per-page text views (info/mmu, info/dirty/A.S), formatted in C
  * so that a view of a big VM costs no Python work per page.
  *
- * Both functions write at most `size` bytes of text into buf and return the
- * length the whole text needs; the caller retries with a bigger buffer when
- * that is more than it gave.  Negative: -errno.
+ * kvmfs_view_sptes writes at most `size` bytes of text into buf and returns
+ * the length the whole text needs (the caller retries with a bigger buffer);
+ * kvmfs_view_dirty streams its text in pieces from a cursor, so that its
+ * size is not bounded by the slot's.  Negative: -errno.
  *
  * Locking: none of its own; the MMU calls it makes take mmu->lock each (a view
  * is a snapshot per call, not an atomic one).
@@ -60,31 +61,50 @@ int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size)
 	return (int64_t)t.len;
 }
 
-int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, char *buf, uint64_t size)
+int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t *cursor,
+			 char *buf, uint64_t size)
 {
-	struct text t = {buf, size, 0};
+	static const char header[] = "page gpa\n";
 	struct kvmfs_slot_info info;
-	uint64_t *bitmap, words;
+	uint64_t words[64], len = 0, c = *cursor;
 	int rc = kvmfs_memslot_get(mmu, as_id, id, &info);
 
 	if (rc < 0)
 		return rc;
-	words = (info.npages + 63) / 64;
-	bitmap = calloc(words ? words : 1, 8);
-	if (!bitmap)
-		return -ENOMEM;
-	rc = kvmfs_dirty_peek(mmu, as_id, id, bitmap, words * 8);
-	if (rc < 0) {
-		free(bitmap);
-		return rc;
+	if (size < 64)
+		return -EINVAL;
+	if (c == 0) {
+		memcpy(buf, header, sizeof header - 1);
+		len = sizeof header - 1;
+		c = 1;
 	}
-	put(&t, "page gpa\n");
-	for (uint64_t w = 0; w < words; w++)
-		for (uint64_t word = bitmap[w]; word; word &= word - 1) {
-			uint64_t page = w * 64 + (uint64_t)__builtin_ctzll(word);
-			put(&t, "%llu 0x%llx\n", (unsigned long long)page,
-			    (unsigned long long)((info.base_gfn + page) << PAGE_SHIFT));
+	for (;;) {
+		uint64_t first = (c - 1) / 64;
+		int64_t n = kvmfs_dirty_peek_words(mmu, as_id, id, first, words, 64);
+		if (n <= 0) {                   /* the end, or the slot stopped logging */
+			if (n < 0 && !len)
+				return n;
+			break;
 		}
-	free(bitmap);
-	return (int64_t)t.len;
+		for (int64_t i = 0; i < n; i++) {
+			uint64_t word = words[i];
+			if (first + (uint64_t)i == (c - 1) / 64)         /* skip pages already shown */
+				word &= ~0ull << ((c - 1) % 64);
+			for (; word; word &= word - 1) {
+				uint64_t page = (first + (uint64_t)i) * 64 + (uint64_t)__builtin_ctzll(word);
+				char line[64];
+				int l = snprintf(line, sizeof line, "%llu 0x%llx\n", (unsigned long long)page,
+						 (unsigned long long)((info.base_gfn + page) << PAGE_SHIFT));
+				if (len + (uint64_t)l > size) {
+					*cursor = page + 1;
+					return (int64_t)len;
+				}
+				memcpy(buf + len, line, (size_t)l);
+				len += (uint64_t)l;
+			}
+		}
+		c = (first + (uint64_t)n) * 64 + 1;
+	}
+	*cursor = c;
+	return (int64_t)len;
 }
