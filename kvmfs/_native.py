@@ -149,24 +149,12 @@ def mmu_get_stats(mmu):
     return {f: getattr(st, f) for f in dir(st)}
 
 
-def view_text(fn_name, *args):
-    """Text a C view formats (nothing per page in Python), grown until it fits."""
-    fn = getattr(lib, "kvmfs_view_" + fn_name)
-    size = 1 << 16
-    while True:
-        buf = ffi.new("char[]", size)
-        n = ensure(fn(*args, buf, size), "view " + fn_name)
-        if n <= size:
-            return ffi.unpack(buf, n)
-        size = n + 4096
-
-
-def view_dirty(mmu, as_id, sid, cursor, size=1 << 16):
-    """(text, cursor): the next piece of info/dirty/A.S from cursor (0 at first);
-    b"" at the end."""
+def view_piece(name, *args, cursor, size=1 << 16):
+    """(text, cursor): the next piece of a C view (kvmfs_view_NAME: "sptes" for
+    info/mmu, "dirty" for info/dirty/A.S) from cursor (0 at first); b"" at the end."""
     c = ffi.new("uint64_t *", cursor)
     buf = ffi.new("char[]", size)
-    n = ensure(lib.kvmfs_view_dirty(mmu, as_id, sid, c, buf, size), "view dirty", warn=False)
+    n = ensure(getattr(lib, "kvmfs_view_" + name)(*args, c, buf, size), "view " + name, warn=False)
     return ffi.unpack(buf, n), c[0]
 
 

@@ -97,6 +97,8 @@ def open_view(system, vm, view, who):
     Streamed object with read(offset, size)."""
     if vm is not None and view.startswith("dirty/"):
         return Streamed(dirty_producer(vm, view[6:]))
+    if vm is not None and view == "mmu":
+        return Streamed(lambda cursor: native.view_piece("sptes", vm.mmu, cursor=cursor))
     return Fixed(render(system, vm, view, who))
 
 
@@ -107,7 +109,7 @@ def render(system, vm, view, who):
     if view.startswith("vcpu") and view != "vcpus":
         return render_vcpu(vm.vcpus[int(view[4:])])
     return {"memslots": render_memslots, "vcpus": render_vcpus, "stats": render_stats,
-            "mmu": render_mmu, "dirty": lambda vm: "\n".join(dirty_names(vm)) + "\n"}[view](vm)
+            "dirty": lambda vm: "\n".join(dirty_names(vm)) + "\n"}[view](vm)
 
 
 def _visible_vms(system, who):
@@ -255,17 +257,13 @@ def render_stats(vm):
     return "".join(f"{k}: {v}\n" for k, v in out.items())
 
 
-def render_mmu(vm):
-    return native.view_text("sptes", vm.mmu).decode()
-
-
 def dirty_producer(vm, name):
     """info/dirty/A.S in pieces from C; a slot that stops logging ends the view."""
     as_id, sid = (int(x) for x in name.split("."))
 
     def produce(cursor):
         try:
-            return native.view_dirty(vm.mmu, as_id, sid, cursor)
+            return native.view_piece("dirty", vm.mmu, as_id, sid, cursor=cursor)
         except KvmError as e:
             if e.errno != errno.ENOENT:
                 raise

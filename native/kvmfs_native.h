@@ -173,6 +173,10 @@ struct kvmfs_spte_info {
 #define KVMFS_SPTE_A 4
 #define KVMFS_SPTE_D 8
 /* Fills up to max records; returns the total number of sptes. */
+/* Sptes in (address space, gfn) order from position *pos on (as << 56 | gfn; 0
+ * at first), at most max; *pos moves past them (to the end when all are listed). */
+#define KVMFS_SPTE_POS_AS_SHIFT 56
+int kvmfs_mmu_list_sptes_from(kvmfs_mmu *mmu, uint64_t *pos, struct kvmfs_spte_info *out, int max);
 int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max);
 
 /* ----------------------------------------------------------------- flush.c --
@@ -318,7 +322,7 @@ void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, int lm);
  * buffer when it is more than size), or -errno.
  * Python (views.py).
  */
-int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size);
+int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, uint64_t *cursor, char *buf, uint64_t size);
 /*
  * info/dirty/A.S in pieces, so that a view of a huge logged slot is streamed:
  * the lines from *cursor on (0: the header first; c > 0: pages from c - 1),

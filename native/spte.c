@@ -209,6 +209,45 @@ int64_t kvmfs_mmu_clear_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint
 
 /* Fills up to max records (address space, then gfn order); returns the total
  * number of sptes, so a caller can size its buffer and ask again. */
+int kvmfs_mmu_list_sptes_from(kvmfs_mmu *mmu, uint64_t *pos, struct kvmfs_spte_info *out, int max)
+{
+	uint32_t start_as = (uint32_t)(*pos >> KVMFS_SPTE_POS_AS_SHIFT);
+	uint64_t start_gfn = *pos & ((1ull << KVMFS_SPTE_POS_AS_SHIFT) - 1);
+	int n = 0;
+
+	pthread_mutex_lock(&mmu->lock);
+	for (uint32_t a = start_as; a < KVMFS_ADDRESS_SPACES; a++) {
+		struct kvmfs_aspace *as = &mmu->as[a];
+		for (int i = 0; i < as->n; i++) {
+			struct kvmfs_slot *s = as->sorted[i];
+			uint64_t j = 0;
+			if (a == start_as && start_gfn > s->base_gfn)
+				j = start_gfn - s->base_gfn;
+			for (; j < s->npages; j++) {
+				struct kvmfs_spte *sp = s->sptes[j];
+				if (!sp)
+					continue;
+				if (n == max) {
+					*pos = (uint64_t)a << KVMFS_SPTE_POS_AS_SHIFT | (s->base_gfn + j);
+					pthread_mutex_unlock(&mmu->lock);
+					return n;
+				}
+				out[n].as_id = a;
+				out[n].flags = sp->flags;
+				if (s->wbits[j / 64] & (1ull << (j % 64)))
+					out[n].flags |= KVMFS_SPTE_W;
+				out[n].gfn = sp->gfn;
+				out[n].hva = s->hva + (j << PAGE_SHIFT);
+				out[n].uphys = sp->uphys;
+				n++;
+			}
+		}
+	}
+	*pos = (uint64_t)KVMFS_ADDRESS_SPACES << KVMFS_SPTE_POS_AS_SHIFT;
+	pthread_mutex_unlock(&mmu->lock);
+	return n;
+}
+
 int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max)
 {
 	int n = 0;

@@ -2,63 +2,57 @@
  * views.c - the per-page text views (info/mmu, info/dirty/A.S), formatted in C
  * so that a view of a big VM costs no Python work per page.
  *
- * kvmfs_view_sptes writes at most `size` bytes of text into buf and returns
- * the length the whole text needs (the caller retries with a bigger buffer);
- * kvmfs_view_dirty streams its text in pieces from a cursor, so that its
- * size is not bounded by the slot's.  Negative: -errno.
+ * Both stream their text in pieces from a cursor (whole lines, at most `size`
+ * bytes a call, 0 at the end), so that a view of a big VM costs the daemon one
+ * piece at a time however long it is.  Negative: -errno.
  *
  * Locking: none of its own; the MMU calls it makes take mmu->lock each (a view
  * is a snapshot per call, not an atomic one).
  */
-#include <stdarg.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "kvmfs_internal.h"
 
-struct text {
-	char *buf;
-	uint64_t size, len;
-};
-
-static void put(struct text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void put(struct text *t, const char *fmt, ...)
+/* info/mmu in pieces, as kvmfs_view_dirty: *cursor 0 is the header, c > 0 the
+ * sptes from list position c - 1 on. */
+int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, uint64_t *cursor, char *buf, uint64_t size)
 {
-	char line[128];
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(line, sizeof line, fmt, ap);
-	va_end(ap);
-	if (n < 0)
-		return;
-	if (t->len < t->size)
-		memcpy(t->buf + t->len, line, t->size - t->len < (uint64_t)n ? t->size - t->len : (uint64_t)n);
-	t->len += (uint64_t)n;
-}
+	static const char header[] = "as gfn hva uphys perms\n";
+	enum { BATCH = 256 };
+	struct kvmfs_spte_info s[BATCH];
+	uint64_t len = 0, c = *cursor;
 
-int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, char *buf, uint64_t size)
-{
-	struct text t = {buf, size, 0};
-	int n = kvmfs_mmu_list_sptes(mmu, NULL, 0), got;
-	struct kvmfs_spte_info *s;
-
-	/* sptes may come and go between the two calls: list what is there then */
-	s = malloc((size_t)(n + 64) * sizeof *s);
-	if (!s)
-		return -ENOMEM;
-	got = kvmfs_mmu_list_sptes(mmu, s, n + 64);
-	if (got > n + 64)
-		got = n + 64;
-	put(&t, "as gfn hva uphys perms\n");
-	for (int i = 0; i < got; i++)
-		put(&t, "%u 0x%llx 0x%llx 0x%llx R%c%c%c%c\n", s[i].as_id, (unsigned long long)s[i].gfn,
-		    (unsigned long long)s[i].hva, (unsigned long long)s[i].uphys,
-		    s[i].flags & KVMFS_SPTE_W ? 'W' : '-', s[i].flags & KVMFS_SPTE_X ? 'X' : '-',
-		    s[i].flags & KVMFS_SPTE_A ? 'A' : '-', s[i].flags & KVMFS_SPTE_D ? 'D' : '-');
-	free(s);
-	return (int64_t)t.len;
+	if (size < 128)
+		return -EINVAL;
+	if (c == 0) {
+		memcpy(buf, header, sizeof header - 1);
+		len = sizeof header - 1;
+		c = 1;
+	}
+	for (;;) {
+		uint64_t pos = c - 1;
+		int got = kvmfs_mmu_list_sptes_from(mmu, &pos, s, BATCH);
+		for (int i = 0; i < got; i++) {
+			char line[128];
+			int l = snprintf(line, sizeof line, "%u 0x%llx 0x%llx 0x%llx R%c%c%c%c\n", s[i].as_id,
+					 (unsigned long long)s[i].gfn, (unsigned long long)s[i].hva,
+					 (unsigned long long)s[i].uphys,
+					 s[i].flags & KVMFS_SPTE_W ? 'W' : '-', s[i].flags & KVMFS_SPTE_X ? 'X' : '-',
+					 s[i].flags & KVMFS_SPTE_A ? 'A' : '-', s[i].flags & KVMFS_SPTE_D ? 'D' : '-');
+			if (len + (uint64_t)l > size) {
+				*cursor = ((uint64_t)s[i].as_id << KVMFS_SPTE_POS_AS_SHIFT | s[i].gfn) + 1;
+				return (int64_t)len;
+			}
+			memcpy(buf + len, line, (size_t)l);
+			len += (uint64_t)l;
+		}
+		c = pos + 1;
+		if (got < BATCH)
+			break;
+	}
+	*cursor = c;
+	return (int64_t)len;
 }
 
 int64_t kvmfs_view_dirty(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint64_t *cursor,

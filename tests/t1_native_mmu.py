@@ -918,3 +918,38 @@ def test_young(mmu):
     assert lib.kvmfs_mmu_test_young(mmu, 0, 0, 16) == 3
     assert lib.kvmfs_mmu_clear_young(mmu, 0, 0, 1 << 40) == 3
     assert lib.kvmfs_mmu_test_young(mmu, 0, 0, 16) == 0
+
+
+def _stream(fn, *args, size):
+    """A C view read to its end in pieces of at most size bytes."""
+    cursor = ffi.new("uint64_t *", 0)
+    buf = ffi.new("char[]", size)
+    text = b""
+    while True:
+        n = fn(*args, cursor, buf, size)
+        assert 0 <= n <= size
+        if n == 0:
+            return text.decode()
+        assert buf[n - 1] == b"\n"                      # whole lines only
+        text += ffi.unpack(buf, n)
+
+
+def test_views_stream_in_whole_lines_from_a_cursor(mmu):
+    """info/mmu and info/dirty come in pieces; any piece size gives the same text."""
+    h = HostMem(mmu, 4 << 20)
+    assert mset(mmu, 0, 0, 2 << 20, h.hva, flags=lib.KVM_MEM_LOG_DIRTY_PAGES) == lib.KVMFS_MR_CREATE
+    assert mset(mmu, 1, 0, 1 << 20, h.hva + (2 << 20), as_id=1) == lib.KVMFS_MR_CREATE
+    pages = list(range(0, 512, 3)) + [511]              # 172 sptes: more than one batch of C's
+    for p in pages:
+        xl(mmu, p << 12, WRITE)
+    for p in range(0, 256, 5):
+        xl(mmu, p << 12, READ, paging(as_id=1))
+    want = sptes(mmu)
+    texts = {size: _stream(lib.kvmfs_view_sptes, mmu, size=size) for size in (128, 200, 4096, 1 << 20)}
+    assert len(set(texts.values())) == 1
+    lines = texts[128].splitlines()
+    assert lines[0] == "as gfn hva uphys perms"
+    assert [(int(l.split()[0]), int(l.split()[1], 16)) for l in lines[1:]] == sorted(want)
+    dirty_texts = {size: _stream(lib.kvmfs_view_dirty, mmu, 0, 0, size=size) for size in (64, 100, 1 << 16)}
+    assert len(set(dirty_texts.values())) == 1
+    assert dirty_texts[64].splitlines() == ["page gpa"] + [f"{p} 0x{p << 12:x}" for p in sorted(set(pages))]
