@@ -65,10 +65,21 @@ def mmu_free(mmu):
     lib.kvmfs_mmu_free(mmu)
 
 
+# What kvmfs_memslot_set did (KVM's enum kvm_mr_change).
+MEMSLOT_CHANGES = {lib.KVMFS_MR_CREATE: "create", lib.KVMFS_MR_DELETE: "delete", lib.KVMFS_MR_MOVE: "move",
+                   lib.KVMFS_MR_FLAGS_ONLY: "flags", lib.KVMFS_MR_NONE: "none"}
+
+
 def memslot_set(mmu, as_id, sid, flags, gpa, size, hva, op):
-    """Commit one memslot change; returns the KVMFS_MR_* kind."""
-    return ensure(lib.kvmfs_memslot_set(mmu, as_id, sid, flags, gpa, size, hva), op,
-                  f"slot {as_id}:{sid} gpa 0x{gpa:x} size 0x{size:x} flags 0x{flags:x}")
+    """Commit one memslot change; returns the KVMFS_MR_* kind.  A refusal says
+    which of C's rules refused it."""
+    why = ffi.new("const char **")
+    rc = lib.kvmfs_memslot_set(mmu, as_id, sid, flags, gpa, size, hva, why)
+    if rc < 0:
+        reason = ffi.string(why[0]).decode() if why[0] != ffi.NULL else "refused"
+        raise KvmError(-rc, op, f"slot {as_id}:{sid} gpa 0x{gpa:x} size 0x{size:x} "
+                       f"flags 0x{flags:x}: {reason}")
+    return rc
 
 
 def memslot_get(mmu, as_id, sid):

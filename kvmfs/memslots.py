@@ -8,11 +8,9 @@ changed before every check has passed.
 """
 import errno
 
-from kvmfs import abi
-from kvmfs._native import ffi, lib
+from kvmfs import _native as native, abi
 from kvmfs.errors import KvmError
 
-CHANGE_NAMES = {1: "create", 2: "delete", 3: "move", 4: "flags", 5: "none"}
 MAX_NPAGES = (1 << 31) - 1
 
 
@@ -54,26 +52,4 @@ def check_region(op, slot, flags, gpa, size, hva, v2, guest_memfd_supported=Fals
 def set_region(mmu, op, slot, flags, gpa, size, hva, v2):
     """Check, then commit through C.  Returns the change name."""
     as_id, sid = check_region(op, slot, flags, gpa, size, hva, v2)
-    rc = lib.kvmfs_memslot_set(mmu, as_id, sid, flags, gpa, size, hva)
-    if rc < 0:
-        raise KvmError(-rc, op, f"slot {as_id}:{sid} gpa 0x{gpa:x} size 0x{size:x} flags 0x{flags:x}: "
-                       + _why(mmu, as_id, sid, flags, size, hva, -rc))
-    return CHANGE_NAMES.get(rc, str(rc))
-
-
-def _why(mmu, as_id, sid, flags, size, hva, err):
-    """Which rule of spec 7.3 refused a change (for the log line)."""
-    cur = ffi.new("struct kvmfs_slot_info *")
-    if lib.kvmfs_memslot_get(mmu, as_id, sid, cur) < 0:
-        return "no such slot to delete" if size == 0 else "overlaps another slot"
-    if err == errno.EEXIST:
-        return "the new range overlaps another slot"
-    if cur.flags & abi.KVM_MEM_GUEST_MEMFD:
-        return "a guest_memfd slot can only be deleted"
-    if cur.userspace_addr != hva:
-        return f"userspace_addr differs from the slot's 0x{cur.userspace_addr:x}"
-    if cur.npages << abi.PAGE_SHIFT != size:
-        return "memory_size differs from the slot's (no resize)"
-    if (cur.flags ^ flags) & abi.KVM_MEM_READONLY:
-        return "READONLY cannot be toggled"
-    return "refused"
+    return native.MEMSLOT_CHANGES[native.memslot_set(mmu, as_id, sid, flags, gpa, size, hva, op)]

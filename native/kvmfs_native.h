@@ -101,10 +101,11 @@ struct kvmfs_slot_info {
  * current state (spec 7.3: EINVAL / EEXIST rules), then commits it (zapping
  * the old mapping for DELETE/MOVE, allocating or freeing the dirty bitmap,
  * write-protecting when logging turns on).  Returns the KVMFS_MR_* kind or
- * -errno; nothing changes on error.
+ * -errno; nothing changes on error, and *why (when why is not NULL) names the
+ * rule that refused it, a static string for the log.
  */
 int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flags,
-		      uint64_t gpa, uint64_t size, uint64_t hva);
+		      uint64_t gpa, uint64_t size, uint64_t hva, const char **why);
 int kvmfs_memslot_get(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id,
 		      struct kvmfs_slot_info *out);
 /* Slots of one address space sorted by gpa, at most max; returns the count. */

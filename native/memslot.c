@@ -153,37 +153,47 @@ static uint64_t *bitmap_new(kvmfs_mmu *mmu, uint64_t npages, uint64_t *count)
 	return bm;
 }
 
+/* Which rule refused a change: the one line the daemon logs for it. */
+#define REFUSE(err, text) do { rc = -(err); reason = (text); goto out; } while (0)
+
 int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flags,
-		      uint64_t gpa, uint64_t size, uint64_t hva)
+		      uint64_t gpa, uint64_t size, uint64_t hva, const char **why)
 {
 	struct kvmfs_aspace *as;
 	struct kvmfs_slot *old, *s = NULL;
 	uint64_t base = gpa >> PAGE_SHIFT, npages = size >> PAGE_SHIFT;
 	uint64_t *bm = NULL, bm_count = 0;
 	bool flush = false, log_on, was_log;
+	const char *reason = NULL;
 	int change, rc;
 
-	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS)
+	if (why)
+		*why = NULL;
+	if (as_id >= KVMFS_ADDRESS_SPACES || id >= KVMFS_USER_MEM_SLOTS) {
+		if (why)
+			*why = "no such address space or slot id";
 		return -EINVAL;
+	}
 	as = &mmu->as[as_id];
 	pthread_mutex_lock(&mmu->lock);
 	old = as->by_id[id];
 
 	/* 1. decide the change (spec 7.3); nothing is modified until step 2 */
 	if (!size) {
-		if (!old) {
-			rc = -EINVAL;
-			goto out;
-		}
+		if (!old)
+			REFUSE(EINVAL, "no such slot to delete");
 		change = KVMFS_MR_DELETE;
 	} else if (!old) {
 		change = KVMFS_MR_CREATE;
 	} else {
-		if ((old->flags & KVM_MEM_GUEST_MEMFD) || hva != old->hva || npages != old->npages ||
-		    ((flags ^ old->flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD))) {
-			rc = -EINVAL;
-			goto out;
-		}
+		if (old->flags & KVM_MEM_GUEST_MEMFD)
+			REFUSE(EINVAL, "a guest_memfd slot can only be deleted");
+		if (hva != old->hva)
+			REFUSE(EINVAL, "userspace_addr differs from the slot's");
+		if (npages != old->npages)
+			REFUSE(EINVAL, "memory_size differs from the slot's (no resize)");
+		if ((flags ^ old->flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD))
+			REFUSE(EINVAL, "READONLY or GUEST_MEMFD cannot be toggled");
 		if (base != old->base_gfn)
 			change = KVMFS_MR_MOVE;
 		else if (flags != old->flags)
@@ -194,32 +204,25 @@ int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flag
 		}
 	}
 	if ((change == KVMFS_MR_CREATE || change == KVMFS_MR_MOVE) &&
-	    overlaps(as, base, npages, change == KVMFS_MR_MOVE ? old : NULL)) {
-		rc = -EEXIST;
-		goto out;
-	}
-	if (change != KVMFS_MR_DELETE && (base + npages - 1 > MAX_GFN || base + npages < base)) {
-		rc = -EINVAL;
-		goto out;
-	}
+	    overlaps(as, base, npages, change == KVMFS_MR_MOVE ? old : NULL))
+		REFUSE(EEXIST, "the range overlaps another slot");
+	if (change != KVMFS_MR_DELETE && (base + npages - 1 > MAX_GFN || base + npages < base))
+		REFUSE(EINVAL, "the last gfn is beyond the guest physical address width");
 
 	/* 2. prepare: every allocation happens before the first change */
 	log_on = flags & KVM_MEM_LOG_DIRTY_PAGES;
 	was_log = old && (old->flags & KVM_MEM_LOG_DIRTY_PAGES);
 	if (change != KVMFS_MR_DELETE && log_on && !was_log) {
 		bm = bitmap_new(mmu, npages, &bm_count);
-		if (!bm) {
-			rc = -ENOMEM;
-			goto out;
-		}
+		if (!bm)
+			REFUSE(ENOMEM, "cannot allocate the dirty bitmap");
 	}
 	if (change == KVMFS_MR_CREATE) {
 		s = calloc(1, sizeof(*s));
 		if (!s || sorted_reserve(as) < 0) {
 			free(s);
 			free(bm);
-			rc = -ENOMEM;
-			goto out;
+			REFUSE(ENOMEM, "cannot allocate the slot");
 		}
 	}
 
@@ -282,6 +285,8 @@ int kvmfs_memslot_set(kvmfs_mmu *mmu, uint32_t as_id, uint32_t id, uint32_t flag
 		kvmfs_mmu_flush_remote(mmu);
 out:
 	pthread_mutex_unlock(&mmu->lock);
+	if (why)
+		*why = reason;
 	return rc;
 }
 

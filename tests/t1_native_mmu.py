@@ -67,7 +67,7 @@ class HostMem:
 
 
 def mset(mmu, slot, gpa, size, hva, flags=0, as_id=0):
-    return lib.kvmfs_memslot_set(mmu, as_id, slot, flags, gpa, size, hva)
+    return lib.kvmfs_memslot_set(mmu, as_id, slot, flags, gpa, size, hva, ffi.NULL)
 
 
 def info(mmu, slot, as_id=0):

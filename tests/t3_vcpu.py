@@ -32,11 +32,11 @@ class Vm:
         self.ptr = ffi.from_buffer(self.mem)
         self.hva = int(ffi.cast("uintptr_t", self.ptr))
         assert lib.kvmfs_hostmem_add(self.mmu, self.hva, mem, self.ptr) == 0
-        assert lib.kvmfs_memslot_set(self.mmu, 0, 0, slot_flags, 0, mem, self.hva) >= 0
+        assert lib.kvmfs_memslot_set(self.mmu, 0, 0, slot_flags, 0, mem, self.hva, ffi.NULL) >= 0
         self.vcpus = []
 
     def add_slot(self, slot, gpa, size, flags=0, offset=0):
-        assert lib.kvmfs_memslot_set(self.mmu, 0, slot, flags, gpa, size, self.hva + offset) >= 0
+        assert lib.kvmfs_memslot_set(self.mmu, 0, slot, flags, gpa, size, self.hva + offset, ffi.NULL) >= 0
 
     def load(self, gpa, data):
         self.mem[gpa:gpa + len(data)] = data
