@@ -2,7 +2,7 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.kvmfs-installed
-NATIVE  := $(wildcard native/*.c native/*.h patches/*.patch) native/build.py tools/build-unicorn
+NATIVE  := $(wildcard native/*.c native/*.h patches/*.patch) native/build.py scripts/build-unicorn
 SO      := kvmfs/.native-built
 MNT     ?= mnt
 
@@ -15,11 +15,11 @@ all: $(SO)
 # editable, linked against unicorn built from source with patches/ (the Python
 # binding of unicorn is only the benchmarks' "unicorn alone" anchor).
 $(STAMP): pyproject.toml setup.py
-	@tools/install-deps
+	@scripts/install-deps
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing kvmfs into $(VENV) ..."
 	@$(PY) -m pip install -qq --upgrade pip setuptools wheel "cffi>=1.15" unicorn==2.1.4 fusepy==3.0.1 pytest
-	@PY=$(PY) tools/build-unicorn
+	@PY=$(PY) scripts/build-unicorn
 	@KVMFS_NATIVE_BY_MAKE=1 $(PY) -m pip install -qq --no-build-isolation -e .
 	@touch $@
 
@@ -28,7 +28,7 @@ deps: $(STAMP)
 # The native module, rebuilt whenever a C source or header changes: objects in
 # build/native, the one module kvmfs/_kvmfs_native.abi3.so.
 $(SO): $(STAMP) $(NATIVE)
-	@PY=$(PY) tools/build-unicorn
+	@PY=$(PY) scripts/build-unicorn
 	@$(PY) native/build.py
 	@touch $@
 
@@ -73,7 +73,7 @@ test-asan: $(SO) guests
 	exit $$rc
 
 bench: $(SO)
-	@$(PY) tools/bench.py $(BENCH_ARGS)
+	@$(PY) bench/bench.py $(BENCH_ARGS)
 
 mount: $(SO)
 	@mkdir -p $(MNT)

@@ -2,7 +2,7 @@
 
 Run directly (`python native/build.py`) to compile in place for development;
 setup.py hands `ffi` to setuptools for installs.  unicorn is linked in
-statically from build/unicorn (tools/build-unicorn: the release source plus
+statically from build/unicorn (scripts/build-unicorn: the release source plus
 patches/), its symbols kept private, so the module neither needs nor clashes with
 the libunicorn.so.2 of the Python binding.
 """
@@ -16,7 +16,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 UC = os.path.join(os.path.dirname(HERE), "build", "unicorn")
 if not os.path.isdir(os.path.join(UC, "lib")):
-    raise SystemExit("build/unicorn is missing: run tools/build-unicorn (make does)")
+    raise SystemExit("build/unicorn is missing: run scripts/build-unicorn (make does)")
 _UC_LIBS = [os.path.join(UC, "lib", a) for a in
             ("libunicorn_static.a", "libx86_64-softmmu.a", "libunicorn-common.a")]
 

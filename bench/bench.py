@@ -25,7 +25,7 @@ KVM_CHECK_EXTENSION = 0xAE03
 def build(tmp, name, extra=()):
     out = os.path.join(tmp, name)
     subprocess.run(["gcc", "-O2", "-I", os.path.join(REPO, "clients"), "-o", out,
-                    os.path.join(REPO, "tools", name + ".c"), *extra], check=True)
+                    os.path.join(REPO, "bench", name + ".c"), *extra], check=True)
     return out
 
 
@@ -172,7 +172,7 @@ def bench_exits(t, mnt, q, have_kvm):
             f"kvmfs, C VMM (bench_guest.c), {mode}-mode out",
             col(lines([t["bench_guest"], "exit", mode, str(n_fuse), str(r)], env_for(mnt.dir)), 0),
             "exit", vs, target=(0, 1.25)))
-    py = [sys.executable, os.path.join(REPO, "tools", "bench_pyclient.py")]
+    py = [sys.executable, os.path.join(REPO, "bench", "bench_pyclient.py")]
     guarded("kvmfs Python", lambda: fig(
         "kvmfs, Python VMM (kvmfs.client), real-mode out",
         col(lines(py + [mnt.dir, str(n_fuse // 2), str(r)]), 0), "exit", vs))
@@ -186,7 +186,7 @@ def bench_exits(t, mnt, q, have_kvm):
 def bench_compute(t, mnt, q, have_kvm):
     r, it = q["reps"], q["iters"]
     print("\n2. Guest compute: {add, xor, dec, jnz} x N per KVM_RUN, then out (time per guest instruction)")
-    uc = [sys.executable, os.path.join(REPO, "tools", "bench_unicorn.py")]
+    uc = [sys.executable, os.path.join(REPO, "bench", "bench_unicorn.py")]
     anchors = {}
     for mode, ucm in (("long", "64"), ("real", "16")):
         anchors[mode] = guarded(f"unicorn {ucm}", lambda: fig(
@@ -228,7 +228,7 @@ def bench_fill(t, mnt, q, have_kvm):
     r, mib = q["reps"], q["touch_mib"]
     print(f"\n3. MMU fill path: one write per 4 KiB page over {mib} MiB (64-bit guest, CPL0, identity "
           "page tables of 4 KiB pages; host pages already written by the VMM; fresh logged slot)")
-    uc = [sys.executable, os.path.join(REPO, "tools", "bench_unicorn.py")]
+    uc = [sys.executable, os.path.join(REPO, "bench", "bench_unicorn.py")]
     ucf = guarded("unicorn fill", lambda: fig(
         "unicorn alone: own TLB fill, no hook, flat, TLB flushed",
         col(lines(uc + ["touch", str(mib), str(r)]), 0), "page"))
@@ -323,7 +323,7 @@ def main():
         tools["bench_guest"] = build(tmp, "bench_guest", ["-lpthread"])
         so = os.path.join(tmp, "uc_codehook.so")
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", so,
-                        os.path.join(REPO, "tools", "uc_codehook.c")], check=True)
+                        os.path.join(REPO, "bench", "uc_codehook.c")], check=True)
         tools["uc_codehook.so"] = so
         t0 = time.time()
         print(f"kvmfs benchmarks (daemon and client on CPU {CPU} unless said; {q['reps']} repetitions"

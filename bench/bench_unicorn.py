@@ -1,6 +1,6 @@
 """Unicorn alone (Python binding, no kvmfs): the emulation anchors of `make bench`.
 
-The same guest loops as tools/bench_guest.c, run with uc.emu_start() on host
+The same guest loops as bench/bench_guest.c, run with uc.emu_start() on host
 memory mapped with mem_map_ptr (flat: no guest paging, default TLB):
 
   compute MODE ITERS REPS    ns per guest instruction of {add, xor, dec, jnz} (MODE 16|64)
@@ -10,7 +10,7 @@ memory mapped with mem_map_ptr (flat: no guest paging, default TLB):
                              fill with no hook (TLB flushed before each pass, memory
                              already written once by the host)
   codehook MODE ITERS REPS SO  compute with an empty C UC_HOOK_CODE over all addresses
-                             (SO = built tools/uc_codehook.c): the cost of a
+                             (SO = built bench/uc_codehook.c): the cost of a
                              per-instruction hook alone
 Prints one line per repetition.
 """

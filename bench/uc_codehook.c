@@ -1,5 +1,5 @@
 /*
- * uc_codehook.c - an empty UC_HOOK_CODE callback in C for tools/bench_unicorn.py:
+ * uc_codehook.c - an empty UC_HOOK_CODE callback in C for bench/bench_unicorn.py:
  * what a per-instruction code hook alone costs unicorn (the shape of the vCPU
  * engine's precise-stop hook: store the pc, test a flag).  No unicorn headers
  * needed; loaded with ctypes and registered on the binding's handle.

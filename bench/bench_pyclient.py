@@ -3,7 +3,7 @@
     bench_pyclient.py MNT|- N REPS    per rep: ns per vcpu.run() -> KVM_EXIT_IO
 
 MNT "-" means the host's /dev/kvm.  The guest is `out dx,al ; jmp $-1` in real
-mode at 0x1000 (the guest of tools/bench_guest.c `exit real`).
+mode at 0x1000 (the guest of bench/bench_guest.c `exit real`).
 """
 import os
 import sys
