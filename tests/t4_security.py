@@ -33,6 +33,14 @@ def healthy(mnt):
         return f.read().startswith("vm ")
 
 
+def gone(mnt, vm, timeout=10):
+    """Wait until vm's directory has left the tree."""
+    name, deadline = os.path.basename(vm.dir), time.monotonic() + timeout
+    while name in os.listdir(mnt):
+        assert time.monotonic() < deadline, f"{name} still there"
+        time.sleep(0.01)
+
+
 def spinning(kvm):
     vm = kvm.create_vm()
     mem = alloc_guest_memory(0x10000)
@@ -65,6 +73,7 @@ def test_guest_memory_file_outliving_its_vm_answers_eio(mounted, kvm):
     try:
         assert os.pread(fd, 4, 0) == b"\0\0\0\0"
         vm.close()                                           # the last VM fd: the VM is destroyed
+        gone(mounted, vm)                                    # (FUSE's RELEASE comes after close())
         assert errno_of(os.pread, fd, 4, 0) == errno.EIO     # (a freed MMU was read here)
         assert errno_of(os.pwrite, fd, b"x", 0) == errno.EIO
     finally:
