@@ -245,6 +245,17 @@ def test_native_module_constants_match_abi():
 
 
 # --- abi.py on its own --------------------------------------------------------------
+def test_kvmfs_answers_are_the_specs():
+    """The values kvmfs answers with (spec sections 3, 4, 7.1), which the other tiers
+    then compare against by name."""
+    assert abi.API_VERSION == 12
+    assert abi.VCPU_MMAP_SIZE == 3 * abi.PAGE_SIZE == 12288
+    assert abi.KVM_USER_MEM_SLOTS == 32764
+    assert abi.KVM_ADDRESS_SPACE_NUM == 2                # VMX/SVM with SMM
+    assert (abi.KVM_MAX_VCPUS, abi.KVM_MAX_VCPU_ID) == (1024, 4096)
+    assert abi.KVM_MAX_CPUID_ENTRIES == 256
+
+
 def test_struct_sizes_are_the_specs():
     """kvmfs/abi.py's own table of sizes (spec section 5) holds for its ctypes structs."""
     for cls, size in abi.STRUCT_SIZES.items():
