@@ -24,6 +24,7 @@
  * The numbers come from the system's <linux/kvm.h>; definitions newer than that
  * header (KVM_SET_USER_MEMORY_REGION2, guest_memfd, memory attributes) are added
  * below behind #ifndef, with the layouts of spec/kvm-abi.md section 5.
+ * tests/t0_abi.py checks every number and layout here against kvmfs/abi.py.
  */
 #ifndef KVMFS_H
 #define KVMFS_H
@@ -91,6 +92,15 @@ struct kvm_memory_attributes {
 #endif
 #ifndef KVM_EXIT_MEMORY_FAULT
 #define KVM_EXIT_MEMORY_FAULT 39
+#endif
+#ifndef KVM_EXIT_TDX
+#define KVM_EXIT_TDX 40
+#endif
+#ifndef KVM_SYSTEM_EVENT_TDX_FATAL
+#define KVM_SYSTEM_EVENT_TDX_FATAL 7
+#endif
+#ifndef KVM_RUN_X86_GUEST_MODE
+#define KVM_RUN_X86_GUEST_MODE (1 << 2)
 #endif
 #ifndef KVM_MEMORY_EXIT_FLAG_PRIVATE
 #define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)

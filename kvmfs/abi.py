@@ -5,8 +5,14 @@ capability numbers and the values kvmfs answers for them, exit reasons, memslot
 flags and the ctypes layouts of every fixed-size argument struct.  Everything
 else in kvmfs, the Python client and the tests read these names; nothing else
 writes an ioctl number or a struct offset down.  The numbers and layouts are
-those of linux/kvm.h (see spec/kvm-abi.md); tests/t0_abi.py checks them against
-a C program compiled with the same header text.
+those of linux/kvm.h (see spec/kvm-abi.md).
+
+This is the source the C copies are checked against (tests/t0_abi.py): the
+host's <linux/kvm.h> and clients/kvmfs.h through tools/abi_dump.c,
+native/kvmfs_internal.h the same way, and native/kvm_abi.h through the cffi
+module built from it.  A name added here that the uapi headers define must
+also be printed by tools/abi_dump.c (and get a fallback in clients/kvmfs.h
+when older host headers lack it); t0 says which.
 """
 import ctypes
 import os
@@ -186,10 +192,14 @@ class _events_smi(Struct):
     _fields_ = [(n, ctypes.c_uint8) for n in ("smm", "pending", "smm_inside_nmi", "latched_init")]
 
 
+class _events_triple_fault(Struct):
+    _fields_ = [("pending", ctypes.c_uint8)]
+
+
 class kvm_vcpu_events(Struct):
     _fields_ = [("exception", _events_exception), ("interrupt", _events_interrupt),
                 ("nmi", _events_nmi), ("sipi_vector", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("smi", _events_smi), ("triple_fault", ctypes.c_uint8),
+                ("smi", _events_smi), ("triple_fault", _events_triple_fault),
                 ("reserved", ctypes.c_uint8 * 26), ("exception_has_payload", ctypes.c_uint8),
                 ("exception_payload", ctypes.c_uint64)]
 
@@ -198,7 +208,43 @@ KVM_VCPUEVENT_VALID_NMI_PENDING = 0x1
 KVM_VCPUEVENT_VALID_SIPI_VECTOR = 0x2
 KVM_VCPUEVENT_VALID_SHADOW = 0x4
 KVM_VCPUEVENT_VALID_SMM = 0x8
+KVM_VCPUEVENT_VALID_PAYLOAD = 0x10
+KVM_VCPUEVENT_VALID_TRIPLE_FAULT = 0x20
+
+# kvm_run.flags (x86)
 KVM_RUN_X86_SMM = 0x1
+KVM_RUN_X86_BUS_LOCK = 0x2
+KVM_RUN_X86_GUEST_MODE = 0x4
+
+# kvm_guest_debug.control (generic bits, then x86's)
+KVM_GUESTDBG_ENABLE = 0x1
+KVM_GUESTDBG_SINGLESTEP = 0x2
+KVM_GUESTDBG_USE_SW_BP = 0x10000
+KVM_GUESTDBG_USE_HW_BP = 0x20000
+KVM_GUESTDBG_INJECT_DB = 0x40000
+KVM_GUESTDBG_INJECT_BP = 0x80000
+
+# kvm_cpuid_entry2.flags ("SIGNIFCANT" is the uapi header's own spelling)
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 0x1
+KVM_CPUID_FLAG_STATEFUL_FUNC = 0x2
+KVM_CPUID_FLAG_STATE_READ_NEXT = 0x4
+
+# kvm_irqfd.flags, kvm_ioeventfd.flags
+KVM_IRQFD_FLAG_DEASSIGN = 0x1
+KVM_IRQFD_FLAG_RESAMPLE = 0x2
+KVM_IOEVENTFD_FLAG_DATAMATCH = 0x1
+KVM_IOEVENTFD_FLAG_PIO = 0x2
+KVM_IOEVENTFD_FLAG_DEASSIGN = 0x4
+
+# kvm_mp_state.mp_state (x86)
+KVM_MP_STATE_RUNNABLE = 0
+KVM_MP_STATE_UNINITIALIZED = 1
+KVM_MP_STATE_INIT_RECEIVED = 2
+KVM_MP_STATE_HALTED = 3
+KVM_MP_STATE_SIPI_RECEIVED = 4
+
+# MSRs with a meaning in the KVM API: SMBASE is readable and writable only by
+# the host (KVM_GET/SET_MSRS), as KVM does it.
 MSR_IA32_SMBASE = 0x9E
 
 
@@ -278,8 +324,9 @@ KVM_GET_VCPU_EVENTS = IOR(0x9F, kvm_vcpu_events)
 KVM_SET_VCPU_EVENTS = IOW(0xA0, kvm_vcpu_events)
 KVM_SMI = IO(0xB7)
 
+# Only numbers of KVM's ioctl type: the flag constants above are KVM_* ints too.
 IOCTL_NAMES = {v: k for k, v in list(globals().items())
-               if k.startswith("KVM_") and isinstance(v, int) and k not in ("KVMIO",)}
+               if k.startswith("KVM_") and isinstance(v, int) and ioc_type(v) == KVMIO}
 
 # --- capabilities: number, and the value kvmfs answers -------------------------------
 API_VERSION = 12
@@ -397,7 +444,14 @@ KVM_MEM_FLAGS_V1 = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
 KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
+# KVM_CREATE_VM types (x86); KVM_CAP_VM_TYPES is a bitmask of 1 << type
 KVM_X86_DEFAULT_VM = 0
+KVM_X86_SW_PROTECTED_VM = 1
+
+# guest_memfd and memory attributes
+GUEST_MEMFD_FLAG_MMAP = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -416,16 +470,55 @@ KVM_EXIT_IRQ_WINDOW_OPEN = 7
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
+KVM_EXIT_SET_TPR = 11
+KVM_EXIT_TPR_ACCESS = 12
+KVM_EXIT_NMI = 16
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_IOAPIC_EOI = 26
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
+KVM_EXIT_DIRTY_RING_FULL = 31
+KVM_EXIT_X86_BUS_LOCK = 33
+KVM_EXIT_NOTIFY = 37
 KVM_EXIT_MEMORY_FAULT = 39
+KVM_EXIT_TDX = 40
 
 EXIT_REASONS = {v: k[len("KVM_EXIT_"):] for k, v in list(globals().items())
                 if k.startswith("KVM_EXIT_")}
 
-KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
-KVM_PIO_PAGE_OFFSET = 1
+KVM_EXIT_IO_IN = 0                   # kvm_run.io.direction
+KVM_EXIT_IO_OUT = 1
+KVM_PIO_PAGE_OFFSET = 1              # pages into the vCPU mapping: the port-I/O data
+KVM_COALESCED_MMIO_PAGE_OFFSET = 2   # the coalesced MMIO ring
+
+# kvm_run.internal.suberror
 KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_INTERNAL_ERROR_SIMUL_EX = 2
+KVM_INTERNAL_ERROR_DELIVERY_EV = 3
+KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
+# kvm_run.emulation_failure.flags
+KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES = 1 << 0
+
+# kvm_run.system_event.type
+KVM_SYSTEM_EVENT_SHUTDOWN = 1
+KVM_SYSTEM_EVENT_RESET = 2
+KVM_SYSTEM_EVENT_CRASH = 3
+KVM_SYSTEM_EVENT_WAKEUP = 4
+KVM_SYSTEM_EVENT_SUSPEND = 5
+KVM_SYSTEM_EVENT_SEV_TERM = 6
+KVM_SYSTEM_EVENT_TDX_FATAL = 7
+
+# kvm_run.memory_fault.flags
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+
+class kvm_run_hw(Struct):
+    _fields_ = [("hardware_exit_reason", ctypes.c_uint64)]
+
+
+class kvm_run_ex(Struct):
+    _fields_ = [("exception", ctypes.c_uint32), ("error_code", ctypes.c_uint32)]
 
 
 class kvm_run_io(Struct):
@@ -444,6 +537,18 @@ class kvm_run_internal(Struct):
                 ("data", ctypes.c_uint64 * 16)]
 
 
+class kvm_run_emulation_failure(Struct):
+    """The internal exit with suberror KVM_INTERNAL_ERROR_EMULATION."""
+    _fields_ = [("suberror", ctypes.c_uint32), ("ndata", ctypes.c_uint32),
+                ("flags", ctypes.c_uint64), ("insn_size", ctypes.c_uint8),
+                ("insn_bytes", ctypes.c_uint8 * 15)]
+
+
+class kvm_run_system_event(Struct):
+    _fields_ = [("type", ctypes.c_uint32), ("ndata", ctypes.c_uint32),
+                ("data", ctypes.c_uint64 * 16)]
+
+
 class kvm_run_fail_entry(Struct):
     _fields_ = [("hardware_entry_failure_reason", ctypes.c_uint64), ("cpu", ctypes.c_uint32)]
 
@@ -458,9 +563,11 @@ class kvm_run_memory_fault(Struct):
 
 
 class kvm_run_exit(ctypes.Union):
-    _fields_ = [("io", kvm_run_io), ("mmio", kvm_run_mmio), ("internal", kvm_run_internal),
-                ("fail_entry", kvm_run_fail_entry), ("debug", kvm_run_debug),
-                ("memory_fault", kvm_run_memory_fault), ("padding", ctypes.c_uint8 * 256)]
+    _fields_ = [("hw", kvm_run_hw), ("fail_entry", kvm_run_fail_entry), ("ex", kvm_run_ex),
+                ("io", kvm_run_io), ("debug", kvm_run_debug), ("mmio", kvm_run_mmio),
+                ("internal", kvm_run_internal), ("emulation_failure", kvm_run_emulation_failure),
+                ("system_event", kvm_run_system_event), ("memory_fault", kvm_run_memory_fault),
+                ("padding", ctypes.c_uint8 * 256)]
 
 
 class kvm_run(Struct):

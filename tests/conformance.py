@@ -380,7 +380,9 @@ def create_vm_unsupported_type(b):
     """Type 1 (SW_PROTECTED) is not in KVM_CAP_VM_TYPES -> EINVAL (spec 3.1, 4)."""
     s = b.open_system()
     types = ioctl(s, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_VM_TYPES)
-    return types & 2 if isinstance(types, int) else types, b.try_create_vm(s, 1)
+    vm_type = abi.KVM_X86_SW_PROTECTED_VM
+    return (types & 1 << vm_type if isinstance(types, int) else types,
+            b.try_create_vm(s, vm_type))
 
 
 # KVM_CHECK_EXTENSION, only for what kvmfs claims; values from spec section 4.

@@ -689,7 +689,7 @@ def interrupt_range(vm, vcpu, mem):
     return [f"irq {n} {_errno_of(lambda: vcpu.interrupt(n))}" for n in (255, 256)]
 
 
-@api_case(["arg 1 EINVAL", "cr8 16 EINVAL exit_reason=UNKNOWN", "cr8 15 then HLT 5"])
+@api_case(["arg 1 EINVAL", "cr8 16 EINVAL exit_reason=UNKNOWN", "cr8 15 then exit_reason=HLT"])
 def run_argument_errors(vm, vcpu, mem):
     """KVM_RUN with arg 1, or with kvm_run.cr8 > 15, fails EINVAL before running (spec 3.3, 6.2)."""
     from kvmfs.client import ioctl
@@ -701,7 +701,8 @@ def run_argument_errors(vm, vcpu, mem):
     out.append(f"cr8 16 {e} exit_reason={abi.EXIT_REASONS.get(vcpu.kvm_run.exit_reason)}")
     vcpu.kvm_run.cr8 = 15
     e = _errno_of(vcpu.run)
-    out.append(f"cr8 15 then HLT {vcpu.kvm_run.exit_reason if e == '0' else e}")
+    reason = abi.EXIT_REASONS.get(vcpu.kvm_run.exit_reason, vcpu.kvm_run.exit_reason)
+    out.append(f"cr8 15 then exit_reason={reason}" if e == "0" else f"cr8 15 then {e}")
     return out
 
 
@@ -770,8 +771,8 @@ def cpuid_from_set_cpuid2(vm, vcpu, mem):
     table = [
         _cpuid_entry(0, eax=7, ebx=0x756E6547, ecx=0x6C65746E, edx=0x49656E69),   # GenuineIntel
         _cpuid_entry(1, eax=0x806C1, ebx=0x1234, ecx=0x0A0B0C0D | 1 << 27, edx=0x1),
-        _cpuid_entry(7, index=0, flags=1, ebx=0x77),
-        _cpuid_entry(7, index=1, flags=1, eax=0x71),
+        _cpuid_entry(7, index=0, flags=abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ebx=0x77),
+        _cpuid_entry(7, index=1, flags=abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX, eax=0x71),
         _cpuid_entry(0x80000000, eax=0x80000001),
         _cpuid_entry(0x80000001, edx=0x20100800),
     ]
@@ -845,8 +846,8 @@ def vcpu_events(vm, vcpu, mem):
         return edit
 
     attempt("flags 0x40", lambda ev: setattr(ev, "flags", 0x40))
-    attempt("flags PAYLOAD", lambda ev: setattr(ev, "flags", 0x10))
-    attempt("flags TRIPLE_FAULT", lambda ev: setattr(ev, "flags", 0x20))
+    attempt("flags PAYLOAD", lambda ev: setattr(ev, "flags", abi.KVM_VCPUEVENT_VALID_PAYLOAD))
+    attempt("flags TRIPLE_FAULT", lambda ev: setattr(ev, "flags", abi.KVM_VCPUEVENT_VALID_TRIPLE_FAULT))
     attempt("exception 32", exc(32))
     attempt("exception 2 (NMI)", exc(2))
     attempt("exception 13 error 0x18", exc(13, 0x18))

@@ -17,12 +17,15 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kvmfs import abi  # noqa: E402
 from kvmfs._kvmfs_native import ffi, lib  # noqa: E402
 
-PAGE = 4096
-LOG = 1
-RO = 2
-GMEM = 4
+PAGE = abi.PAGE_SIZE
+LOG = abi.KVM_MEM_LOG_DIRTY_PAGES
+RO = abi.KVM_MEM_READONLY
+GMEM = abi.KVM_MEM_GUEST_MEMFD
+MANUAL = abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+INITIALLY_SET = abi.KVM_DIRTY_LOG_INITIALLY_SET
 P, RW, US, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 NX = 1 << 63
 CR0_PE, CR0_WP, CR0_PG = 1, 1 << 16, 1 << 31
@@ -144,7 +147,7 @@ def test_memslot_rules(mmu, as_id):
     assert M(0, 0, 0, 0) == lib.KVMFS_MR_DELETE                     # other fields ignored
     assert info(mmu, 0, as_id) == -errno.ENOENT
     assert M(5, 1 << 52, PAGE, hva) == -errno.EINVAL                # beyond 52-bit gpa
-    assert M(32764, 0, PAGE, hva) == -errno.EINVAL
+    assert M(abi.KVM_USER_MEM_SLOTS, 0, PAGE, hva) == -errno.EINVAL
     # guest_memfd slots are immutable
     assert M(3, 0x40000, 0x1000, hva, GMEM) == lib.KVMFS_MR_CREATE
     assert M(3, 0x40000, 0x1000, hva, GMEM) == -errno.EINVAL
@@ -600,7 +603,7 @@ def test_manual_protect_initially_set(mmu):
     a = HostMem(mmu, 16 * PAGE)
     assert mset(mmu, 0, 0, 16 * PAGE, a.hva) == lib.KVMFS_MR_CREATE
     xl(mmu, 5 * PAGE, WRITE)
-    lib.kvmfs_dirty_set_manual_protect(mmu, 3)
+    lib.kvmfs_dirty_set_manual_protect(mmu, MANUAL | INITIALLY_SET)
     assert mset(mmu, 0, 0, 16 * PAGE, a.hva, LOG) == lib.KVMFS_MR_FLAGS_ONLY
     assert info(mmu, 0).dirty_count == 16
     assert dirty(mmu, 0, 16) == 0xFFFF
@@ -613,7 +616,7 @@ def test_manual_protect_initially_set(mmu):
     assert dirty(mmu, 0, 16) == 0xF020
     assert mset(mmu, 2, 0x200000, 100 * PAGE, a.hva, LOG) == lib.KVMFS_MR_CREATE
     assert dirty(mmu, 2, 100) == (1 << 100) - 1                  # only the slot's own pages
-    lib.kvmfs_dirty_set_manual_protect(mmu, 1)
+    lib.kvmfs_dirty_set_manual_protect(mmu, MANUAL)
     assert mset(mmu, 1, 0x100000, 100 * PAGE, a.hva, LOG) == lib.KVMFS_MR_CREATE
     assert dirty(mmu, 1, 100) == 0
     assert lib.kvmfs_dirty_get_log(mmu, 0, 1, ffi.new("char[]", 8), 8) == -errno.EINVAL  # short buffer
@@ -660,7 +663,7 @@ def test_reprotect_word_keeps_other_pages(mmu):
     for p in (0, 1, 63, 64, 129):
         xl(mmu, p * PAGE, WRITE)
     xl(mmu, 2 * PAGE, READ)                                      # an spte without W
-    lib.kvmfs_dirty_set_manual_protect(mmu, 1)
+    lib.kvmfs_dirty_set_manual_protect(mmu, MANUAL)
     assert clear(mmu, 0, 0, 130, (1 << 1) | (1 << 64)) == 0
     sp = sptes(mmu)
     assert [p for p in (0, 1, 2, 63, 64, 129) if sp[(0, p)] & lib.KVMFS_SPTE_W] == [0, 63, 129]

@@ -43,12 +43,12 @@ def errno_of(fn, *args, **kw):
 
 
 def test_system_ioctls(system):
-    assert call(system, System.get_api_version) == 12
+    assert call(system, System.get_api_version) == abi.API_VERSION
     assert errno_of(call, system, System.get_api_version, 1) == errno.EINVAL
-    assert call(system, System.get_vcpu_mmap_size) == 12288
-    assert call(system, System.check_extension, abi.KVM_CAP_NR_MEMSLOTS) == 32764
-    assert errno_of(call, system, System.create_vm, 1) == errno.EINVAL   # SW_PROTECTED: not built
-    vm_id = call(system, System.create_vm, 0)
+    assert call(system, System.get_vcpu_mmap_size) == abi.VCPU_MMAP_SIZE
+    assert call(system, System.check_extension, abi.KVM_CAP_NR_MEMSLOTS) == abi.KVM_USER_MEM_SLOTS
+    assert errno_of(call, system, System.create_vm, abi.KVM_X86_SW_PROTECTED_VM) == errno.EINVAL  # not built
+    vm_id = call(system, System.create_vm, abi.KVM_X86_DEFAULT_VM)
     assert system.vms[vm_id].owner_pid == os.getpid()
 
 
@@ -93,7 +93,7 @@ def test_vcpus_and_lifetime(system):
     vm = system.new_vm(os.getpid())
     assert call(vm, type(vm).create_vcpu, 7) == 7
     assert errno_of(call, vm, type(vm).create_vcpu, 7) == errno.EEXIST
-    assert errno_of(call, vm, type(vm).create_vcpu, 4096) == errno.EINVAL
+    assert errno_of(call, vm, type(vm).create_vcpu, abi.KVM_MAX_VCPU_ID) == errno.EINVAL
     ident = abi.u64_arg(0xFEFFC000)
     assert errno_of(call, vm, type(vm).set_identity_map_addr, struct=ident) == errno.EINVAL
     run_path = vm.vcpus[7].run_path
@@ -126,4 +126,5 @@ def test_text_commands_answer_like_the_ioctls(system):
     with pytest.raises(KvmError) as e:
         commands.execute(system, Ctx, "check_extension")            # missing argument
     assert e.value.errno == errno.EINVAL
-    assert commands.execute(system, Ctx, "check_extension NR_MEMSLOTS") == "32764\n"
+    assert commands.execute(system, Ctx, "check_extension NR_MEMSLOTS") == \
+        f"{abi.KVM_USER_MEM_SLOTS}\n"

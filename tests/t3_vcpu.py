@@ -1,7 +1,7 @@
 """t3: the native vCPU (native/vcpu.c) through cffi, without FUSE.
 
 Each test builds an mmu, one memslot over memfd memory registered as host
-memory, a 12288-byte kvm_run area, loads a guest assembled from GNU as
+memory, a VCPU_MMAP_SIZE kvm_run area, loads a guest assembled from GNU as
 source (tests/guests.py) and runs it to its exits.
 """
 import mmap
@@ -13,11 +13,15 @@ import time
 import pytest
 
 from kvmfs._kvmfs_native import ffi, lib
+from kvmfs.abi import (KVM_EXIT_DEBUG, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_INTR,
+                       KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT, KVM_EXIT_IRQ_WINDOW_OPEN,
+                       KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_GUESTDBG_ENABLE,
+                       KVM_GUESTDBG_SINGLESTEP, KVM_INTERNAL_ERROR_EMULATION, KVM_MEM_READONLY,
+                       KVM_PIO_PAGE_OFFSET, PAGE_SIZE, VCPU_MMAP_SIZE)
 
 from guests import assemble, assemble_text
 
-EXIT_IO, EXIT_DEBUG, EXIT_HLT, EXIT_MMIO = 2, 4, 5, 6
-EXIT_IRQ_WINDOW_OPEN, EXIT_SHUTDOWN, EXIT_INTR, EXIT_INTERNAL_ERROR = 7, 8, 10, 17
+PIO = KVM_PIO_PAGE_OFFSET * PAGE_SIZE      # io.data_offset: the port-I/O page of kvm_run
 MEM = 4 << 20
 
 
@@ -50,7 +54,7 @@ class Vm:
 class Vcpu:
     def __init__(self, vm, id):
         self.vm = vm
-        self.runbuf = mmap.mmap(-1, 12288)
+        self.runbuf = mmap.mmap(-1, VCPU_MMAP_SIZE)
         self.run_p = ffi.cast("struct kvm_run *", ffi.from_buffer(self.runbuf))
         self.v = lib.kvmfs_vcpu_new(vm.mmu, id, self.run_p)
         assert self.v != ffi.NULL
@@ -92,10 +96,10 @@ class Vcpu:
         self.set_regs(rip=ip, rflags=2, rsp=0x8000)
 
     def io_data(self, n):
-        return bytes(self.runbuf[4096:4096 + n])
+        return bytes(self.runbuf[PIO:PIO + n])
 
     def set_io_data(self, data):
-        self.runbuf[4096:4096 + len(data)] = data
+        self.runbuf[PIO:PIO + len(data)] = data
 
 
 def real(src, base=0x1000):
@@ -125,20 +129,21 @@ def test_out(vm, insn, size, data):
     c = start_real(vm, insn + "\nhlt\n")
     assert c.go() == 0
     r = c.run
-    assert r.exit_reason == EXIT_IO
-    assert (r.io.direction, r.io.size, r.io.port, r.io.count, r.io.data_offset) == (1, size, 0x10, 1, 4096)
+    assert r.exit_reason == KVM_EXIT_IO
+    assert (r.io.direction, r.io.size, r.io.port, r.io.count, r.io.data_offset) == (
+        KVM_EXIT_IO_OUT, size, 0x10, 1, PIO)
     assert c.io_data(size) == data
-    assert c.go() == 0 and r.exit_reason == EXIT_HLT
+    assert c.go() == 0 and r.exit_reason == KVM_EXIT_HLT
 
 
 def test_out_is_precise_inside_a_block(vm):
     c = start_real(vm, "xor %ax,%ax\nout %al,%dx\ninc %ax\nout %al,%dx\ninc %ax\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     assert c.regs().rax & 0xffff == 0
     assert c.io_data(1) == b"\x00"
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     assert c.regs().rax & 0xffff == 1 and c.io_data(1) == b"\x01"
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rax & 0xffff == 2
 
 
@@ -148,9 +153,9 @@ def test_out_is_precise_inside_a_block(vm):
 def test_out_exit_rip_on_the_instruction(vm, insn, ilen):
     # VMX/SVM fast PIO: RIP stays on the OUT until the next KVM_RUN skips it
     c = start_real(vm, "mov $0x10,%dx\n" + insn + "\nhlt\n")     # mov: 3 bytes
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.direction == 1
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.direction == KVM_EXIT_IO_OUT
     assert c.regs().rip == 0x1003
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rip == 0x1003 + ilen + 1
 
 
@@ -159,46 +164,46 @@ def test_out_exit_rip_long_mode(vm):
     vm.load(0x100000, code)
     c = vm.vcpu()
     long_mode(vm, c, 0x100000)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x10
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 0x10
     assert c.regs().rip == 0x100004
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x11
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 0x11
     assert c.regs().rip == 0x100005
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x100008
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT and c.regs().rip == 0x100008
 
 
 def test_immediate_exit_completes_out(vm):
     c = start_real(vm, "mov $0x10,%dx\nout %al,%dx\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.regs().rip == 0x1003
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.regs().rip == 0x1003
     c.run.immediate_exit = 1
-    assert c.go() == -4 and c.run.exit_reason == EXIT_IO
+    assert c.go() == -4 and c.run.exit_reason == KVM_EXIT_IO
     assert c.regs().rip == 0x1004
     c.run.immediate_exit = 0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1005
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT and c.regs().rip == 0x1005
 
 
 def test_out_skip_follows_userspace_rip(vm):
     # KVM skips the OUT only if RIP is still on it (complete_fast_pio_out)
     c = start_real(vm, "mov $0x10,%dx\nout %al,%dx\nhlt\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     c.set_regs(rip=0x1003)                         # same RIP: still skipped
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1005
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT and c.regs().rip == 0x1005
     c.set_regs(rip=0x1003)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.regs().rip == 0x1003
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.regs().rip == 0x1003
     c.set_regs(rip=0x1005)                         # moved: no skip
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x1006
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT and c.regs().rip == 0x1006
 
 
 @pytest.mark.parametrize("insn,size,mask", [
     ("in %dx,%al", 1, 0xff), ("in %dx,%ax", 2, 0xffff), ("in %dx,%eax", 4, 0xffffffff)])
 def test_in(vm, insn, size, mask):
     c = start_real(vm, "mov $0x11223344,%eax\nmov $0x20,%dx\n" + insn + "\nmov %eax,%ebx\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     r = c.run
-    assert (r.io.direction, r.io.size, r.io.port, r.io.count) == (0, size, 0x20, 1)
+    assert (r.io.direction, r.io.size, r.io.port, r.io.count) == (KVM_EXIT_IO_IN, size, 0x20, 1)
     rip = c.regs().rip
     assert vm.mem[rip] in (0xec, 0xed, 0x66)     # RIP on the IN
     c.set_io_data(bytes([0xa1, 0xb2, 0xc3, 0xd4])[:size])
-    assert c.go() == 0 and r.exit_reason == EXIT_HLT
+    assert c.go() == 0 and r.exit_reason == KVM_EXIT_HLT
     want = (0x11223344 & ~mask) | (0xd4c3b2a1 & mask)
     assert c.regs().rbx & 0xffffffff == want
 
@@ -208,8 +213,8 @@ def test_rep_outsb(vm):
     c = start_real(vm, "mov $0x3000,%si\nmov $3,%cx\nmov $0x30,%dx\ncld\nrep outsb\nhlt\n")
     got = []
     for i in range(3):
-        assert c.go() == 0 and c.run.exit_reason == EXIT_IO
-        assert c.run.io.count == 1 and c.run.io.direction == 1
+        assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
+        assert c.run.io.count == 1 and c.run.io.direction == KVM_EXIT_IO_OUT
         got.append(c.io_data(1))
         r = c.regs()
         assert r.rcx & 0xffff == 2 - i and r.rsi & 0xffff == 0x3001 + i
@@ -217,24 +222,24 @@ def test_rep_outsb(vm):
         # last one too, measured); the next run retires it
         assert r.rip == 0x100a
     assert b"".join(got) == b"abc"
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT and c.regs().rip == 0x100d
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT and c.regs().rip == 0x100d
 
 
 def test_rep_insb(vm):
     c = start_real(vm, "mov $0x3000,%di\nmov $4,%cx\nmov $0x30,%dx\ncld\nrep insb\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
-    assert c.run.io.direction == 0 and c.run.io.count == 4
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
+    assert c.run.io.direction == KVM_EXIT_IO_IN and c.run.io.count == 4
     c.set_io_data(b"wxyz")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert vm.mem[0x3000:0x3004] == b"wxyz"
     assert c.regs().rcx & 0xffff == 0
 
 
 def test_hlt_rip_after(vm):
     c = start_real(vm, "nop\nhlt\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rip == 0x1002
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rip == 0x1003
 
 
@@ -247,7 +252,7 @@ def test_reset_state_first_fetch(vm):
     s = c.sregs()
     assert (s.cs.selector, s.cs.base, s.cs.limit, s.cs.type) == (0xF000, 0xFFFF0000, 0xFFFF, 11)
     assert s.cr0 == 0x60000010 and s.apic_base == 0xFEE00900
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rip == 0xFFF1
 
 
@@ -262,12 +267,12 @@ HOLE = 0x800000
     (4, "movl (%esi),%ebx", "rbx")])
 def test_mmio_read(vm, size, insn, reg):
     c = start_real(vm, "mov $%#x,%%esi\naddr32 %s\nhlt\n" % (HOLE, insn))
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO
     r = c.run
     assert (r.mmio.phys_addr, r.mmio.len, r.mmio.is_write) == (HOLE, size, 0)
     rip = c.regs().rip
     ffi.memmove(r.mmio.data, bytes([1, 2, 3, 4, 5, 6, 7, 8]), 8)
-    assert c.go() == 0 and r.exit_reason == EXIT_HLT
+    assert c.go() == 0 and r.exit_reason == KVM_EXIT_HLT
     assert c.regs().rbx & ((1 << (8 * size)) - 1) == int.from_bytes(bytes([1, 2, 3, 4])[:size], "little")
     assert c.regs().rip > rip
 
@@ -276,40 +281,40 @@ def test_mmio_read(vm, size, insn, reg):
     (1, "movb %al,(%esi)"), (2, "movw %ax,(%esi)"), (4, "movl %eax,(%esi)")])
 def test_mmio_write(vm, size, insn):
     c = start_real(vm, "mov $%#x,%%esi\nmov $0x44332211,%%eax\naddr32 %s\nhlt\n" % (HOLE + 8, insn))
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO
     r = c.run
     assert (r.mmio.phys_addr, r.mmio.len, r.mmio.is_write) == (HOLE + 8, size, 1)
     assert bytes(r.mmio.data)[:size] == bytes([0x11, 0x22, 0x33, 0x44])[:size]
-    assert c.go() == 0 and r.exit_reason == EXIT_HLT
+    assert c.go() == 0 and r.exit_reason == KVM_EXIT_HLT
 
 
 def test_mmio_rmw_add(vm):
     c = start_real(vm, "mov $%#x,%%esi\nmov $5,%%eax\naddr32 add %%eax,(%%esi)\nhlt\n" % HOLE)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO and c.run.mmio.is_write == 0
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO and c.run.mmio.is_write == 0
     ffi.memmove(c.run.mmio.data, struct.pack("<Q", 100), 8)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO and c.run.mmio.is_write == 1
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO and c.run.mmio.is_write == 1
     assert struct.unpack("<I", bytes(c.run.mmio.data)[:4])[0] == 105
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_mmio_push(vm):
     c = start_real(vm, "mov $%#x,%%esi\naddr32 pushw (%%esi)\npop %%bx\nhlt\n" % HOLE)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO and c.run.mmio.len == 2
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO and c.run.mmio.len == 2
     ffi.memmove(c.run.mmio.data, b"\xcd\xab", 2)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().rbx & 0xffff == 0xabcd
 
 
 def test_readonly_slot_write_is_mmio():
     vm = Vm()
-    vm.add_slot(1, 0x900000, 0x1000, flags=2, offset=0x200000)
+    vm.add_slot(1, 0x900000, 0x1000, flags=KVM_MEM_READONLY, offset=0x200000)
     vm.mem[0x200000] = 0x77
     c = start_real(vm, "mov $0x900000,%esi\naddr32 movb (%esi),%bl\naddr32 movb $9,(%esi)\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO
     assert c.run.mmio.is_write == 1 and c.run.mmio.phys_addr == 0x900000
     assert c.regs().rbx & 0xff == 0x77
     assert vm.mem[0x200000] == 0x77
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_code_fetch_from_hole(vm):
@@ -319,23 +324,23 @@ def test_code_fetch_from_hole(vm):
     s.cs.selector = 0
     c.set_sregs(s)
     c.set_regs(rip=0)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_INTERNAL_ERROR
-    assert c.run.internal.suberror == 1
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_INTERNAL_ERROR
+    assert c.run.internal.suberror == KVM_INTERNAL_ERROR_EMULATION
 
 
 # -------------------------------------------------------- run semantics ----
 
 def test_immediate_exit_completes_in(vm):
     c = start_real(vm, "mov $0x20,%dx\nin %dx,%al\nhlt\n")
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     rip = c.regs().rip
     c.set_io_data(b"\x5a")
     c.run.immediate_exit = 1
     assert c.go() == -4           # -EINTR
-    assert c.run.exit_reason == EXIT_IO
+    assert c.run.exit_reason == KVM_EXIT_IO
     assert c.regs().rax & 0xff == 0x5a and c.regs().rip == rip + 1
     c.run.immediate_exit = 0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_cr8_check(vm):
@@ -350,7 +355,7 @@ def test_kick_from_other_thread(vm):
     t.start()
     t0 = time.time()
     assert c.go() == -4
-    assert c.run.exit_reason == EXIT_INTR
+    assert c.run.exit_reason == KVM_EXIT_INTR
     assert time.time() - t0 < 5
     t.join()
 
@@ -358,8 +363,8 @@ def test_kick_from_other_thread(vm):
 def test_kick_before_run(vm):
     c = start_real(vm, "hlt\n")
     lib.kvmfs_vcpu_kick(c.v)
-    assert c.go() == -4 and c.run.exit_reason == EXIT_INTR
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == -4 and c.run.exit_reason == KVM_EXIT_INTR
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_signal_kicks(vm):
@@ -377,7 +382,7 @@ def test_signal_kicks(vm):
     time.sleep(0.2)
     signal.pthread_kill(th.ident, signal.SIGUSR1)
     th.join(5)
-    assert not th.is_alive() and res[1] == -4 and c.run.exit_reason == EXIT_INTR
+    assert not th.is_alive() and res[1] == -4 and c.run.exit_reason == KVM_EXIT_INTR
     del tid
 
 
@@ -396,8 +401,8 @@ def test_triple_fault_shutdown(vm):
     s.idt.limit = 0
     assert c.set_sregs(s) == 0
     c.set_regs(rip=0x1000)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_SHUTDOWN
-    assert c.go() == 0 and c.run.exit_reason == EXIT_SHUTDOWN
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_SHUTDOWN
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_SHUTDOWN
 
 
 def test_interrupt_injection_real_mode(vm):
@@ -408,28 +413,28 @@ def test_interrupt_injection_real_mode(vm):
     assert lib.kvmfs_vcpu_interrupt(c.v, 256) == -22
     assert lib.kvmfs_vcpu_interrupt(c.v, 0x21) == 0
     assert lib.kvmfs_vcpu_interrupt(c.v, 0x20) == 0    # replaces
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x99
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 0x55
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 0x99
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 0x55
     assert c.run.if_flag == 1 and c.run.ready_for_interrupt_injection == 1
 
 
 def test_interrupt_window(vm):
     c = start_real(vm, "cli\nnop\nsti\nnop\nnop\nhlt\n")
     c.run.request_interrupt_window = 1
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IRQ_WINDOW_OPEN
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IRQ_WINDOW_OPEN
     assert c.run.if_flag == 1 and c.run.ready_for_interrupt_injection == 1
     c.run.request_interrupt_window = 0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_single_step(vm):
     c = start_real(vm, "nop\nnop\nhlt\n")
-    assert lib.kvmfs_vcpu_set_guest_debug(c.v, 3) == 0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_DEBUG and c.run.debug.pc == 0x1001
+    assert lib.kvmfs_vcpu_set_guest_debug(c.v, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP) == 0
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_DEBUG and c.run.debug.pc == 0x1001
     assert c.run.debug.exception == 1
-    assert c.go() == 0 and c.run.exit_reason == EXIT_DEBUG and c.run.debug.pc == 0x1002
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_DEBUG and c.run.debug.pc == 0x1002
     lib.kvmfs_vcpu_set_guest_debug(c.v, 0)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 # ------------------------------------------------------- regs and modes ----
@@ -500,14 +505,14 @@ def test_long_mode_guest(vm):
     vm.load(0x100000, code)
     c = vm.vcpu()
     long_mode(vm, c, 0x100000)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO
     assert c.io_data(4) == struct.pack("<I", 0x9abcdef0)
     assert c.regs().rcx == 0x123456789abcdef0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO
     assert c.run.mmio.len == 8 and c.run.mmio.is_write == 1 and c.run.mmio.phys_addr == 0x1000000
-    assert c.go() == 0 and c.run.exit_reason == EXIT_MMIO and c.run.mmio.len == 8
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_MMIO and c.run.mmio.len == 8
     ffi.memmove(c.run.mmio.data, struct.pack("<Q", 0x0102030405060708), 8)
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     assert c.regs().r9 == 0x0102030405060708
     s = c.sregs()
     assert s.cs.l == 1 and s.efer & (1 << 10)
@@ -548,10 +553,10 @@ def test_long_mode_page_fault_and_ud_delivery(vm):
     s = c.sregs()
     s.idt.base, s.idt.limit = 0xa000, 256 * 16 - 1
     assert c.set_sregs(s) == 0
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 14
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 14
     assert c.regs().rax == 0x40000000 and c.sregs().cr2 == 0x40000000
-    assert c.go() == 0 and c.run.exit_reason == EXIT_IO and c.run.io.port == 6
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO and c.run.io.port == 6
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
 
 
 def test_mode_switch_real_to_long(vm):
@@ -560,10 +565,10 @@ def test_mode_switch_real_to_long(vm):
     c.real_mode_at(0x1000)
     ports = []
     for _ in range(3):
-        assert c.go() == 0 and c.run.exit_reason == EXIT_IO, c.run.exit_reason
+        assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_IO, c.run.exit_reason
         ports.append(c.run.io.port)
     assert ports == [0x16, 0x32, 0x64]
-    assert c.go() == 0 and c.run.exit_reason == EXIT_HLT
+    assert c.go() == 0 and c.run.exit_reason == KVM_EXIT_HLT
     s = c.sregs()
     assert s.cs.l == 1 and s.efer & (1 << 10) and s.cr0 & (1 << 31)
 
@@ -589,7 +594,7 @@ def test_lock_xadd_smp():
         t.start()
     for t in ths:
         t.join(60)
-    assert res == [(0, EXIT_HLT)] * n
+    assert res == [(0, KVM_EXIT_HLT)] * n
     assert struct.unpack("<I", vm.mem[0x300000:0x300004])[0] == n * iters
 
 

@@ -21,6 +21,7 @@ CODE_GPA = 0x1000
 STOP_GPA = 0x2000
 LOG_GPA = 0x100000
 NPAGES = 256
+LOG_SIZE = NPAGES * abi.PAGE_SIZE
 
 # 32-bit flat protected mode, no paging.  EDI = vCPU index, EBX = seed.
 WRITER = f"""
@@ -87,7 +88,7 @@ def test_known_workload_bitmap_matches_kvm(kvm):
     vcpu = vm.create_vcpu(0)
     real_mode_at(vcpu, CODE_GPA)
     assert vm.get_dirty_log(1, 16) == [0]                    # a fresh slot reports nothing
-    mem.map[0x10000 + 5 * 4096] = 7                          # host writes are not logged
+    mem.map[0x10000 + 5 * abi.PAGE_SIZE] = 7                  # host writes are not logged
     vcpu.run()
     assert vcpu.kvm_run.exit_reason == abi.KVM_EXIT_HLT
     assert vm.get_dirty_log(1, 16) == [0x8009]
@@ -122,11 +123,11 @@ def test_no_lost_dirty_page(mounted, harvest):
     if harvest == "clear":
         vm.enable_cap(abi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, abi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
     low = alloc_guest_memory(0x10000)
-    data = alloc_guest_memory(NPAGES * 4096)
+    data = alloc_guest_memory(LOG_SIZE)
     image = assemble_text(WRITER, CODE_GPA)
     low.map[CODE_GPA:CODE_GPA + len(image)] = image
     vm.set_user_memory_region(0, 0, 0, 0x10000, low.address)
-    vm.set_user_memory_region(1, abi.KVM_MEM_LOG_DIRTY_PAGES, LOG_GPA, NPAGES * 4096, data.address)
+    vm.set_user_memory_region(1, abi.KVM_MEM_LOG_DIRTY_PAGES, LOG_GPA, LOG_SIZE, data.address)
     vcpus = []
     for i in range(2):
         v = vm.create_vcpu(i)
@@ -183,7 +184,7 @@ def test_harvests_under_a_running_guest_lose_or_repeat_no_instruction(mounted):
     kvm = Kvm(mounted)
     vm = kvm.create_vm()
     low = alloc_guest_memory(0x10000)
-    data = alloc_guest_memory(NPAGES * 4096)
+    data = alloc_guest_memory(LOG_SIZE)
     image = assemble_text(f"""
         .code32
         xor %ecx, %ecx
@@ -197,7 +198,7 @@ def test_harvests_under_a_running_guest_lose_or_repeat_no_instruction(mounted):
     """, CODE_GPA)
     low.map[CODE_GPA:CODE_GPA + len(image)] = image
     vm.set_user_memory_region(0, 0, 0, 0x10000, low.address)
-    vm.set_user_memory_region(1, abi.KVM_MEM_LOG_DIRTY_PAGES, LOG_GPA, NPAGES * 4096, data.address)
+    vm.set_user_memory_region(1, abi.KVM_MEM_LOG_DIRTY_PAGES, LOG_GPA, LOG_SIZE, data.address)
     v = vm.create_vcpu(0)
     flat32(v)
     r = v.get_regs()

@@ -1,17 +1,29 @@
 /*
  * abi_dump - the KVM ABI as the C compiler sees it, one "NAME VALUE" a line.
  *
- *   gcc -o abi_dump tools/abi_dump.c                       # the system <linux/kvm.h>
- *   gcc -DWITH_KVMFS_H -I clients -o abi_dump tools/abi_dump.c   # plus clients/kvmfs.h
+ *   gcc -o abi_dump tools/abi_dump.c                               # the system <linux/kvm.h>
+ *   gcc -DWITH_KVMFS_H -I clients -o abi_dump tools/abi_dump.c     # plus clients/kvmfs.h
+ *   gcc -DWITH_NATIVE_ABI -I native -o abi_dump tools/abi_dump.c   # the daemon's C headers
  *
  * Lines: "KVM_NAME value" for ioctl numbers and constants, "struct_name size"
- * for sizeof, "struct_name.member offset" for offsetof (kvm_run's exit union
- * members appear as kvm_run.io.port etc., the debug exit without its ".arch").
- * Every entry is guarded, so names the header lacks are simply not printed.
- * tests/t0_abi.py compiles both forms and compares each line with kvmfs/abi.py.
+ * for sizeof, "struct_name.member offset" and "struct_name.member:size size"
+ * for offsetof and sizeof of every member (members of anonymous structs and
+ * unions by their path: kvm_run's exit union members appear as kvm_run.io.port,
+ * the debug exit and kvm_guest_debug without their ".arch").  Every constant is
+ * guarded, so names a header lacks are simply not printed.
+ *
+ * WITH_NATIVE_ABI prints the constants of native/kvmfs_internal.h (and through
+ * it native/kvm_abi.h) instead of the system header's, kvmfs-private names under
+ * the ABI name they stand for; no structs (tests/t0_abi.py reads those through
+ * the cffi module, which is compiled from the same header).
+ * tests/t0_abi.py compiles all three forms and compares each line with kvmfs/abi.py.
  */
 #include <stddef.h>
 #include <stdio.h>
+
+#ifdef WITH_NATIVE_ABI
+#include "kvmfs_internal.h"
+#else
 #include <linux/kvm.h>
 
 /* Newer than 6.1: struct kvm_userspace_memory_region2 and kvm_run.memory_fault. */
@@ -22,10 +34,13 @@
 #ifdef WITH_KVMFS_H
 #include "kvmfs.h"
 #endif
+#endif
 
 #define C(name) printf("%s %llu\n", #name, (unsigned long long)(name))
+#define A(name, value) printf("%s %llu\n", #name, (unsigned long long)(value))
 #define S(type) printf("%s %zu\n", #type, sizeof(struct type))
-#define O(type, label, member) printf("%s.%s %zu\n", #type, label, offsetof(struct type, member))
+#define O(type, label, member) printf("%s.%s %zu\n%s.%s:size %zu\n", #type, label, \
+	offsetof(struct type, member), #type, label, sizeof(((struct type *)0)->member))
 
 int main(void)
 {
@@ -36,9 +51,6 @@ int main(void)
 #ifdef KVM_CREATE_VM
 	C(KVM_CREATE_VM);
 #endif
-#ifdef KVM_GET_MSR_INDEX_LIST
-	C(KVM_GET_MSR_INDEX_LIST);
-#endif
 #ifdef KVM_CHECK_EXTENSION
 	C(KVM_CHECK_EXTENSION);
 #endif
@@ -47,6 +59,9 @@ int main(void)
 #endif
 #ifdef KVM_GET_SUPPORTED_CPUID
 	C(KVM_GET_SUPPORTED_CPUID);
+#endif
+#ifdef KVM_GET_MSR_INDEX_LIST
+	C(KVM_GET_MSR_INDEX_LIST);
 #endif
 #ifdef KVM_CREATE_VCPU
 	C(KVM_CREATE_VCPU);
@@ -77,6 +92,18 @@ int main(void)
 #endif
 #ifdef KVM_IOEVENTFD
 	C(KVM_IOEVENTFD);
+#endif
+#ifdef KVM_ENABLE_CAP
+	C(KVM_ENABLE_CAP);
+#endif
+#ifdef KVM_CLEAR_DIRTY_LOG
+	C(KVM_CLEAR_DIRTY_LOG);
+#endif
+#ifdef KVM_SET_MEMORY_ATTRIBUTES
+	C(KVM_SET_MEMORY_ATTRIBUTES);
+#endif
+#ifdef KVM_CREATE_GUEST_MEMFD
+	C(KVM_CREATE_GUEST_MEMFD);
 #endif
 #ifdef KVM_RUN
 	C(KVM_RUN);
@@ -123,31 +150,14 @@ int main(void)
 #ifdef KVM_SET_GUEST_DEBUG
 	C(KVM_SET_GUEST_DEBUG);
 #endif
-#ifdef KVM_ENABLE_CAP
-	C(KVM_ENABLE_CAP);
+#ifdef KVM_GET_VCPU_EVENTS
+	C(KVM_GET_VCPU_EVENTS);
+#endif
+#ifdef KVM_SET_VCPU_EVENTS
+	C(KVM_SET_VCPU_EVENTS);
 #endif
 #ifdef KVM_SMI
 	C(KVM_SMI);
-#endif
-#ifdef KVM_GET_VCPU_EVENTS
-	C(KVM_GET_VCPU_EVENTS);
-	C(KVM_SET_VCPU_EVENTS);
-	C(KVM_VCPUEVENT_VALID_NMI_PENDING);
-	C(KVM_VCPUEVENT_VALID_SIPI_VECTOR);
-	C(KVM_VCPUEVENT_VALID_SHADOW);
-	C(KVM_VCPUEVENT_VALID_SMM);
-#endif
-#ifdef KVM_RUN_X86_SMM
-	C(KVM_RUN_X86_SMM);
-#endif
-#ifdef KVM_CLEAR_DIRTY_LOG
-	C(KVM_CLEAR_DIRTY_LOG);
-#endif
-#ifdef KVM_SET_MEMORY_ATTRIBUTES
-	C(KVM_SET_MEMORY_ATTRIBUTES);
-#endif
-#ifdef KVM_CREATE_GUEST_MEMFD
-	C(KVM_CREATE_GUEST_MEMFD);
 #endif
 
 	/* constants */
@@ -157,8 +167,125 @@ int main(void)
 #ifdef KVM_API_VERSION
 	C(KVM_API_VERSION);
 #endif
+#ifdef KVM_VCPUEVENT_VALID_NMI_PENDING
+	C(KVM_VCPUEVENT_VALID_NMI_PENDING);
+#endif
+#ifdef KVM_VCPUEVENT_VALID_SIPI_VECTOR
+	C(KVM_VCPUEVENT_VALID_SIPI_VECTOR);
+#endif
+#ifdef KVM_VCPUEVENT_VALID_SHADOW
+	C(KVM_VCPUEVENT_VALID_SHADOW);
+#endif
+#ifdef KVM_VCPUEVENT_VALID_SMM
+	C(KVM_VCPUEVENT_VALID_SMM);
+#endif
+#ifdef KVM_VCPUEVENT_VALID_PAYLOAD
+	C(KVM_VCPUEVENT_VALID_PAYLOAD);
+#endif
+#ifdef KVM_VCPUEVENT_VALID_TRIPLE_FAULT
+	C(KVM_VCPUEVENT_VALID_TRIPLE_FAULT);
+#endif
+#ifdef KVM_RUN_X86_SMM
+	C(KVM_RUN_X86_SMM);
+#endif
+#ifdef KVM_RUN_X86_BUS_LOCK
+	C(KVM_RUN_X86_BUS_LOCK);
+#endif
+#ifdef KVM_RUN_X86_GUEST_MODE
+	C(KVM_RUN_X86_GUEST_MODE);
+#endif
+#ifdef KVM_GUESTDBG_ENABLE
+	C(KVM_GUESTDBG_ENABLE);
+#endif
+#ifdef KVM_GUESTDBG_SINGLESTEP
+	C(KVM_GUESTDBG_SINGLESTEP);
+#endif
+#ifdef KVM_GUESTDBG_USE_SW_BP
+	C(KVM_GUESTDBG_USE_SW_BP);
+#endif
+#ifdef KVM_GUESTDBG_USE_HW_BP
+	C(KVM_GUESTDBG_USE_HW_BP);
+#endif
+#ifdef KVM_GUESTDBG_INJECT_DB
+	C(KVM_GUESTDBG_INJECT_DB);
+#endif
+#ifdef KVM_GUESTDBG_INJECT_BP
+	C(KVM_GUESTDBG_INJECT_BP);
+#endif
+#ifdef KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+	C(KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+#endif
+#ifdef KVM_CPUID_FLAG_STATEFUL_FUNC
+	C(KVM_CPUID_FLAG_STATEFUL_FUNC);
+#endif
+#ifdef KVM_CPUID_FLAG_STATE_READ_NEXT
+	C(KVM_CPUID_FLAG_STATE_READ_NEXT);
+#endif
+#ifdef KVM_IRQFD_FLAG_DEASSIGN
+	C(KVM_IRQFD_FLAG_DEASSIGN);
+#endif
+#ifdef KVM_IRQFD_FLAG_RESAMPLE
+	C(KVM_IRQFD_FLAG_RESAMPLE);
+#endif
+#ifdef KVM_IOEVENTFD_FLAG_DATAMATCH
+	C(KVM_IOEVENTFD_FLAG_DATAMATCH);
+#endif
+#ifdef KVM_IOEVENTFD_FLAG_PIO
+	C(KVM_IOEVENTFD_FLAG_PIO);
+#endif
+#ifdef KVM_IOEVENTFD_FLAG_DEASSIGN
+	C(KVM_IOEVENTFD_FLAG_DEASSIGN);
+#endif
+#ifdef KVM_MP_STATE_RUNNABLE
+	C(KVM_MP_STATE_RUNNABLE);
+#endif
+#ifdef KVM_MP_STATE_UNINITIALIZED
+	C(KVM_MP_STATE_UNINITIALIZED);
+#endif
+#ifdef KVM_MP_STATE_INIT_RECEIVED
+	C(KVM_MP_STATE_INIT_RECEIVED);
+#endif
+#ifdef KVM_MP_STATE_HALTED
+	C(KVM_MP_STATE_HALTED);
+#endif
+#ifdef KVM_MP_STATE_SIPI_RECEIVED
+	C(KVM_MP_STATE_SIPI_RECEIVED);
+#endif
+#ifdef MSR_IA32_SMBASE
+	C(MSR_IA32_SMBASE);
+#endif
+#ifdef API_VERSION
+	C(API_VERSION);
+#endif
+#ifdef VCPU_MMAP_SIZE
+	C(VCPU_MMAP_SIZE);
+#endif
+#ifdef KVM_USER_MEM_SLOTS
+	C(KVM_USER_MEM_SLOTS);
+#endif
 #ifdef KVM_ADDRESS_SPACE_NUM
 	C(KVM_ADDRESS_SPACE_NUM);
+#endif
+#ifdef KVM_MAX_VCPUS
+	C(KVM_MAX_VCPUS);
+#endif
+#ifdef KVM_MAX_VCPU_ID
+	C(KVM_MAX_VCPU_ID);
+#endif
+#ifdef KVM_MAX_CPUID_ENTRIES
+	C(KVM_MAX_CPUID_ENTRIES);
+#endif
+#ifdef KVM_MEM_LOG_DIRTY_PAGES
+	C(KVM_MEM_LOG_DIRTY_PAGES);
+#endif
+#ifdef KVM_MEM_READONLY
+	C(KVM_MEM_READONLY);
+#endif
+#ifdef KVM_MEM_GUEST_MEMFD
+	C(KVM_MEM_GUEST_MEMFD);
+#endif
+#ifdef KVM_MEM_FLAGS_V1
+	C(KVM_MEM_FLAGS_V1);
 #endif
 #ifdef KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 	C(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE);
@@ -166,17 +293,38 @@ int main(void)
 #ifdef KVM_DIRTY_LOG_INITIALLY_SET
 	C(KVM_DIRTY_LOG_INITIALLY_SET);
 #endif
-#ifdef KVM_EXIT_IO_IN
-	C(KVM_EXIT_IO_IN);
+#ifdef KVM_X86_DEFAULT_VM
+	C(KVM_X86_DEFAULT_VM);
+#endif
+#ifdef KVM_X86_SW_PROTECTED_VM
+	C(KVM_X86_SW_PROTECTED_VM);
+#endif
+#ifdef GUEST_MEMFD_FLAG_MMAP
+	C(GUEST_MEMFD_FLAG_MMAP);
+#endif
+#ifdef GUEST_MEMFD_FLAG_INIT_SHARED
+	C(GUEST_MEMFD_FLAG_INIT_SHARED);
+#endif
+#ifdef KVM_MEMORY_ATTRIBUTE_PRIVATE
+	C(KVM_MEMORY_ATTRIBUTE_PRIVATE);
+#endif
+#ifdef PAGE_SIZE
+	C(PAGE_SIZE);
+#endif
+#ifdef PAGE_SHIFT
+	C(PAGE_SHIFT);
+#endif
+#ifdef TASK_SIZE_MAX
+	C(TASK_SIZE_MAX);
+#endif
+#ifdef GUEST_PHYS_BITS
+	C(GUEST_PHYS_BITS);
 #endif
 #ifdef KVM_EXIT_UNKNOWN
 	C(KVM_EXIT_UNKNOWN);
 #endif
 #ifdef KVM_EXIT_EXCEPTION
 	C(KVM_EXIT_EXCEPTION);
-#endif
-#ifdef KVM_EXIT_IO_OUT
-	C(KVM_EXIT_IO_OUT);
 #endif
 #ifdef KVM_EXIT_IO
 	C(KVM_EXIT_IO);
@@ -205,44 +353,95 @@ int main(void)
 #ifdef KVM_EXIT_INTR
 	C(KVM_EXIT_INTR);
 #endif
+#ifdef KVM_EXIT_SET_TPR
+	C(KVM_EXIT_SET_TPR);
+#endif
+#ifdef KVM_EXIT_TPR_ACCESS
+	C(KVM_EXIT_TPR_ACCESS);
+#endif
+#ifdef KVM_EXIT_NMI
+	C(KVM_EXIT_NMI);
+#endif
 #ifdef KVM_EXIT_INTERNAL_ERROR
 	C(KVM_EXIT_INTERNAL_ERROR);
 #endif
 #ifdef KVM_EXIT_SYSTEM_EVENT
 	C(KVM_EXIT_SYSTEM_EVENT);
 #endif
+#ifdef KVM_EXIT_IOAPIC_EOI
+	C(KVM_EXIT_IOAPIC_EOI);
+#endif
+#ifdef KVM_EXIT_X86_RDMSR
+	C(KVM_EXIT_X86_RDMSR);
+#endif
+#ifdef KVM_EXIT_X86_WRMSR
+	C(KVM_EXIT_X86_WRMSR);
+#endif
+#ifdef KVM_EXIT_DIRTY_RING_FULL
+	C(KVM_EXIT_DIRTY_RING_FULL);
+#endif
+#ifdef KVM_EXIT_X86_BUS_LOCK
+	C(KVM_EXIT_X86_BUS_LOCK);
+#endif
+#ifdef KVM_EXIT_NOTIFY
+	C(KVM_EXIT_NOTIFY);
+#endif
 #ifdef KVM_EXIT_MEMORY_FAULT
 	C(KVM_EXIT_MEMORY_FAULT);
 #endif
-#ifdef KVM_INTERNAL_ERROR_EMULATION
-	C(KVM_INTERNAL_ERROR_EMULATION);
+#ifdef KVM_EXIT_TDX
+	C(KVM_EXIT_TDX);
 #endif
-#ifdef KVM_MAX_CPUID_ENTRIES
-	C(KVM_MAX_CPUID_ENTRIES);
+#ifdef KVM_EXIT_IO_IN
+	C(KVM_EXIT_IO_IN);
 #endif
-#ifdef KVM_MAX_VCPUS
-	C(KVM_MAX_VCPUS);
-#endif
-#ifdef KVM_MAX_VCPU_ID
-	C(KVM_MAX_VCPU_ID);
-#endif
-#ifdef KVM_MEM_LOG_DIRTY_PAGES
-	C(KVM_MEM_LOG_DIRTY_PAGES);
-#endif
-#ifdef KVM_MEM_READONLY
-	C(KVM_MEM_READONLY);
-#endif
-#ifdef KVM_MEM_GUEST_MEMFD
-	C(KVM_MEM_GUEST_MEMFD);
+#ifdef KVM_EXIT_IO_OUT
+	C(KVM_EXIT_IO_OUT);
 #endif
 #ifdef KVM_PIO_PAGE_OFFSET
 	C(KVM_PIO_PAGE_OFFSET);
 #endif
-#ifdef KVM_USER_MEM_SLOTS
-	C(KVM_USER_MEM_SLOTS);
+#ifdef KVM_COALESCED_MMIO_PAGE_OFFSET
+	C(KVM_COALESCED_MMIO_PAGE_OFFSET);
 #endif
-#ifdef KVM_X86_DEFAULT_VM
-	C(KVM_X86_DEFAULT_VM);
+#ifdef KVM_INTERNAL_ERROR_EMULATION
+	C(KVM_INTERNAL_ERROR_EMULATION);
+#endif
+#ifdef KVM_INTERNAL_ERROR_SIMUL_EX
+	C(KVM_INTERNAL_ERROR_SIMUL_EX);
+#endif
+#ifdef KVM_INTERNAL_ERROR_DELIVERY_EV
+	C(KVM_INTERNAL_ERROR_DELIVERY_EV);
+#endif
+#ifdef KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
+	C(KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON);
+#endif
+#ifdef KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+	C(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES);
+#endif
+#ifdef KVM_SYSTEM_EVENT_SHUTDOWN
+	C(KVM_SYSTEM_EVENT_SHUTDOWN);
+#endif
+#ifdef KVM_SYSTEM_EVENT_RESET
+	C(KVM_SYSTEM_EVENT_RESET);
+#endif
+#ifdef KVM_SYSTEM_EVENT_CRASH
+	C(KVM_SYSTEM_EVENT_CRASH);
+#endif
+#ifdef KVM_SYSTEM_EVENT_WAKEUP
+	C(KVM_SYSTEM_EVENT_WAKEUP);
+#endif
+#ifdef KVM_SYSTEM_EVENT_SUSPEND
+	C(KVM_SYSTEM_EVENT_SUSPEND);
+#endif
+#ifdef KVM_SYSTEM_EVENT_SEV_TERM
+	C(KVM_SYSTEM_EVENT_SEV_TERM);
+#endif
+#ifdef KVM_SYSTEM_EVENT_TDX_FATAL
+	C(KVM_SYSTEM_EVENT_TDX_FATAL);
+#endif
+#ifdef KVM_MEMORY_EXIT_FLAG_PRIVATE
+	C(KVM_MEMORY_EXIT_FLAG_PRIVATE);
 #endif
 
 	/* capabilities */
@@ -303,6 +502,9 @@ int main(void)
 #ifdef KVM_CAP_INTERNAL_ERROR_DATA
 	C(KVM_CAP_INTERNAL_ERROR_DATA);
 #endif
+#ifdef KVM_CAP_VCPU_EVENTS
+	C(KVM_CAP_VCPU_EVENTS);
+#endif
 #ifdef KVM_CAP_MAX_VCPUS
 	C(KVM_CAP_MAX_VCPUS);
 #endif
@@ -317,9 +519,6 @@ int main(void)
 #endif
 #ifdef KVM_CAP_CHECK_EXTENSION_VM
 	C(KVM_CAP_CHECK_EXTENSION_VM);
-#endif
-#ifdef KVM_CAP_VCPU_EVENTS
-	C(KVM_CAP_VCPU_EVENTS);
 #endif
 #ifdef KVM_CAP_X86_SMM
 	C(KVM_CAP_X86_SMM);
@@ -379,6 +578,21 @@ int main(void)
 	C(KVM_CAP_GUEST_MEMFD_FLAGS);
 #endif
 
+#ifdef WITH_NATIVE_ABI
+	/* kvmfs-private names of ABI values */
+#ifdef KVMFS_ADDRESS_SPACES
+	A(KVM_ADDRESS_SPACE_NUM, KVMFS_ADDRESS_SPACES);
+#endif
+#ifdef KVMFS_USER_MEM_SLOTS
+	A(KVM_USER_MEM_SLOTS, KVMFS_USER_MEM_SLOTS);
+#endif
+#ifdef KVMFS_MANUAL_ENABLE
+	A(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVMFS_MANUAL_ENABLE);
+#endif
+#ifdef KVMFS_MANUAL_INIT_SET
+	A(KVM_DIRTY_LOG_INITIALLY_SET, KVMFS_MANUAL_INIT_SET);
+#endif
+#else
 	/* struct sizes and member offsets */
 	S(kvm_userspace_memory_region);
 	O(kvm_userspace_memory_region, "slot", slot);
@@ -502,6 +716,8 @@ int main(void)
 	S(kvm_msrs);
 	O(kvm_msrs, "nmsrs", nmsrs);
 	O(kvm_msrs, "pad", pad);
+	S(kvm_msr_list);
+	O(kvm_msr_list, "nmsrs", nmsrs);
 	S(kvm_cpuid_entry2);
 	O(kvm_cpuid_entry2, "function", function);
 	O(kvm_cpuid_entry2, "index", index);
@@ -514,24 +730,39 @@ int main(void)
 	S(kvm_cpuid2);
 	O(kvm_cpuid2, "nent", nent);
 	O(kvm_cpuid2, "padding", padding);
-	S(kvm_vcpu_events);
-	O(kvm_vcpu_events, "exception.nr", exception.nr);
-	O(kvm_vcpu_events, "exception.error_code", exception.error_code);
-	O(kvm_vcpu_events, "interrupt.nr", interrupt.nr);
-	O(kvm_vcpu_events, "interrupt.shadow", interrupt.shadow);
-	O(kvm_vcpu_events, "nmi.masked", nmi.masked);
-	O(kvm_vcpu_events, "sipi_vector", sipi_vector);
-	O(kvm_vcpu_events, "flags", flags);
-	O(kvm_vcpu_events, "smi.smm", smi.smm);
-	O(kvm_vcpu_events, "smi.pending", smi.pending);
-	O(kvm_vcpu_events, "smi.smm_inside_nmi", smi.smm_inside_nmi);
-	O(kvm_vcpu_events, "triple_fault", triple_fault);
-	O(kvm_vcpu_events, "exception_has_payload", exception_has_payload);
-	O(kvm_vcpu_events, "exception_payload", exception_payload);
 	S(kvm_guest_debug);
 	O(kvm_guest_debug, "control", control);
 	O(kvm_guest_debug, "pad", pad);
 	O(kvm_guest_debug, "debugreg", arch.debugreg);
+	S(kvm_vcpu_events);
+	O(kvm_vcpu_events, "exception", exception);
+	O(kvm_vcpu_events, "exception.injected", exception.injected);
+	O(kvm_vcpu_events, "exception.nr", exception.nr);
+	O(kvm_vcpu_events, "exception.has_error_code", exception.has_error_code);
+	O(kvm_vcpu_events, "exception.pending", exception.pending);
+	O(kvm_vcpu_events, "exception.error_code", exception.error_code);
+	O(kvm_vcpu_events, "interrupt", interrupt);
+	O(kvm_vcpu_events, "interrupt.injected", interrupt.injected);
+	O(kvm_vcpu_events, "interrupt.nr", interrupt.nr);
+	O(kvm_vcpu_events, "interrupt.soft", interrupt.soft);
+	O(kvm_vcpu_events, "interrupt.shadow", interrupt.shadow);
+	O(kvm_vcpu_events, "nmi", nmi);
+	O(kvm_vcpu_events, "nmi.injected", nmi.injected);
+	O(kvm_vcpu_events, "nmi.pending", nmi.pending);
+	O(kvm_vcpu_events, "nmi.masked", nmi.masked);
+	O(kvm_vcpu_events, "nmi.pad", nmi.pad);
+	O(kvm_vcpu_events, "sipi_vector", sipi_vector);
+	O(kvm_vcpu_events, "flags", flags);
+	O(kvm_vcpu_events, "smi", smi);
+	O(kvm_vcpu_events, "smi.smm", smi.smm);
+	O(kvm_vcpu_events, "smi.pending", smi.pending);
+	O(kvm_vcpu_events, "smi.smm_inside_nmi", smi.smm_inside_nmi);
+	O(kvm_vcpu_events, "smi.latched_init", smi.latched_init);
+	O(kvm_vcpu_events, "triple_fault", triple_fault);
+	O(kvm_vcpu_events, "triple_fault.pending", triple_fault.pending);
+	O(kvm_vcpu_events, "reserved", reserved);
+	O(kvm_vcpu_events, "exception_has_payload", exception_has_payload);
+	O(kvm_vcpu_events, "exception_payload", exception_payload);
 	S(kvm_irqfd);
 	O(kvm_irqfd, "fd", fd);
 	O(kvm_irqfd, "gsi", gsi);
@@ -553,38 +784,68 @@ int main(void)
 	S(kvm_run);
 	O(kvm_run, "request_interrupt_window", request_interrupt_window);
 	O(kvm_run, "immediate_exit", immediate_exit);
+	O(kvm_run, "padding1", padding1);
 	O(kvm_run, "exit_reason", exit_reason);
 	O(kvm_run, "ready_for_interrupt_injection", ready_for_interrupt_injection);
 	O(kvm_run, "if_flag", if_flag);
 	O(kvm_run, "flags", flags);
 	O(kvm_run, "cr8", cr8);
 	O(kvm_run, "apic_base", apic_base);
-	O(kvm_run, "kvm_valid_regs", kvm_valid_regs);
-	O(kvm_run, "kvm_dirty_regs", kvm_dirty_regs);
-	O(kvm_run, "s", s);
+	O(kvm_run, "hw", hw);
+	O(kvm_run, "hw.hardware_exit_reason", hw.hardware_exit_reason);
+	O(kvm_run, "fail_entry", fail_entry);
+	O(kvm_run, "fail_entry.hardware_entry_failure_reason", fail_entry.hardware_entry_failure_reason);
+	O(kvm_run, "fail_entry.cpu", fail_entry.cpu);
+	O(kvm_run, "ex", ex);
+	O(kvm_run, "ex.exception", ex.exception);
+	O(kvm_run, "ex.error_code", ex.error_code);
+	O(kvm_run, "io", io);
 	O(kvm_run, "io.direction", io.direction);
 	O(kvm_run, "io.size", io.size);
 	O(kvm_run, "io.port", io.port);
 	O(kvm_run, "io.count", io.count);
 	O(kvm_run, "io.data_offset", io.data_offset);
-	O(kvm_run, "mmio.phys_addr", mmio.phys_addr);
-	O(kvm_run, "mmio.data", mmio.data);
-	O(kvm_run, "mmio.len", mmio.len);
-	O(kvm_run, "mmio.is_write", mmio.is_write);
-	O(kvm_run, "internal.suberror", internal.suberror);
-	O(kvm_run, "internal.ndata", internal.ndata);
-	O(kvm_run, "internal.data", internal.data);
-	O(kvm_run, "fail_entry.hardware_entry_failure_reason", fail_entry.hardware_entry_failure_reason);
-	O(kvm_run, "fail_entry.cpu", fail_entry.cpu);
+	O(kvm_run, "debug", debug);
 	O(kvm_run, "debug.exception", debug.arch.exception);
 	O(kvm_run, "debug.pad", debug.arch.pad);
 	O(kvm_run, "debug.pc", debug.arch.pc);
 	O(kvm_run, "debug.dr6", debug.arch.dr6);
 	O(kvm_run, "debug.dr7", debug.arch.dr7);
+	O(kvm_run, "mmio", mmio);
+	O(kvm_run, "mmio.phys_addr", mmio.phys_addr);
+	O(kvm_run, "mmio.data", mmio.data);
+	O(kvm_run, "mmio.len", mmio.len);
+	O(kvm_run, "mmio.is_write", mmio.is_write);
+	O(kvm_run, "internal", internal);
+	O(kvm_run, "internal.suberror", internal.suberror);
+	O(kvm_run, "internal.ndata", internal.ndata);
+	O(kvm_run, "internal.data", internal.data);
+	O(kvm_run, "emulation_failure", emulation_failure);
+	O(kvm_run, "emulation_failure.suberror", emulation_failure.suberror);
+	O(kvm_run, "emulation_failure.ndata", emulation_failure.ndata);
+	O(kvm_run, "emulation_failure.flags", emulation_failure.flags);
+	O(kvm_run, "emulation_failure.insn_size", emulation_failure.insn_size);
+	O(kvm_run, "emulation_failure.insn_bytes", emulation_failure.insn_bytes);
+	O(kvm_run, "system_event", system_event);
+	O(kvm_run, "system_event.type", system_event.type);
+	O(kvm_run, "system_event.ndata", system_event.ndata);
+	O(kvm_run, "system_event.data", system_event.data);
+#ifdef SYSTEM_HEADER_HAS_6_8
+	O(kvm_run, "memory_fault", memory_fault);
+#endif
 #ifdef SYSTEM_HEADER_HAS_6_8
 	O(kvm_run, "memory_fault.flags", memory_fault.flags);
+#endif
+#ifdef SYSTEM_HEADER_HAS_6_8
 	O(kvm_run, "memory_fault.gpa", memory_fault.gpa);
+#endif
+#ifdef SYSTEM_HEADER_HAS_6_8
 	O(kvm_run, "memory_fault.size", memory_fault.size);
+#endif
+	O(kvm_run, "padding", padding);
+	O(kvm_run, "kvm_valid_regs", kvm_valid_regs);
+	O(kvm_run, "kvm_dirty_regs", kvm_dirty_regs);
+	O(kvm_run, "s", s);
 #endif
 	return 0;
 }
