@@ -584,14 +584,6 @@ assert kvm_run.exit.offset == 32 and kvm_run.kvm_valid_regs.offset == 288
 for _cls, _size in STRUCT_SIZES.items():
     assert ctypes.sizeof(_cls) == _size, (_cls.__name__, ctypes.sizeof(_cls), _size)
 
-# --- x86 architectural values the vCPU ioctls use -------------------------------
-APIC_DEFAULT_BASE = 0xFEE00000
-MSR_IA32_APICBASE_BSP = 1 << 8
-MSR_IA32_APICBASE_ENABLE = 1 << 11
-APIC_BASE_RESET = APIC_DEFAULT_BASE | MSR_IA32_APICBASE_ENABLE | MSR_IA32_APICBASE_BSP
-KVM_IDENTITY_MAP_ADDR_DEFAULT = 0xFFFBC000   # where KVM puts the EPT identity map unless told
-KVM_INTERNAL_ERROR_SIMUL_EX = 2
-KVM_INTERNAL_ERROR_DELIVERY_EV = 3
-KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON = 4
 INTERNAL_ERROR_NAMES = {v: k[len("KVM_INTERNAL_ERROR_"):] for k, v in list(globals().items())
-                        if k.startswith("KVM_INTERNAL_ERROR_") and isinstance(v, int)}
+                        if k.startswith("KVM_INTERNAL_ERROR_") and isinstance(v, int)
+                        and "_FLAG_" not in k}

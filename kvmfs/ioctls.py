@@ -66,17 +66,9 @@ IOCTLS = (
 # fd kind -> ioctl number -> row
 BY_FD = {kind: {row.number: row for row in IOCTLS if row.fd == kind} for kind in FD_KINDS}
 
-# Every KVM ioctl number kvmfs.abi knows, for log lines about ioctls not answered.
-_KNOWN = {}
-for _name, _value in vars(abi).items():
-    if (_name.startswith("KVM_") and isinstance(_value, int) and _value >= abi.KVMIO << 8
-            and abi.ioc_type(_value) == abi.KVMIO and not _name.startswith(("KVM_CAP_", "KVM_EXIT_"))):
-        _KNOWN.setdefault(_value, _name)
-
-
 def name_of(number):
     """"KVM_CREATE_IRQCHIP (0xae60)" or "ioctl 0x...(dir, type, nr, size)" for an unknown one."""
-    name = _KNOWN.get(number)
+    name = abi.IOCTL_NAMES.get(number)
     if name is not None:
         return f"{name} (0x{number:x})"
     return (f"ioctl 0x{number:x} (dir {abi.ioc_dir(number)}, type 0x{abi.ioc_type(number):x}, "

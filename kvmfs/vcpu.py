@@ -29,6 +29,8 @@ _MSR_SIZE = ctypes.sizeof(abi.kvm_msr_entry)
 _CPUID_SIZE = ctypes.sizeof(abi.kvm_cpuid_entry2)
 _MSRS_HDR = ctypes.sizeof(abi.kvm_msrs)      # the entries follow the header in the caller's memory
 _CPUID_HDR = ctypes.sizeof(abi.kvm_cpuid2)
+# MSR_IA32_APICBASE at reset (x86): the default xAPIC base, enabled, bootstrap processor.
+APIC_BASE_RESET = 0xFEE00000 | 1 << 11 | 1 << 8
 
 
 def serialized(handler):
@@ -74,7 +76,7 @@ class Vcpu:
             self.native = native.NULL
             self.free()
             raise
-        self.kvm_run.apic_base = abi.APIC_BASE_RESET
+        self.kvm_run.apic_base = APIC_BASE_RESET
 
     def free(self):
         """Free the engine and the kvm_run area (only from Vm.free: nothing runs it)."""

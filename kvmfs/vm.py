@@ -37,6 +37,7 @@ from kvmfs.hostmem import HostMemory
 log = logging.getLogger("kvmfs.vm")
 
 SlotInfo = collections.namedtuple("SlotInfo", native.SLOT_FIELDS)
+IDENTITY_MAP_ADDR_DEFAULT = 0xFFFBC000     # where KVM puts the EPT identity map unless told
 
 
 class Vm:
@@ -58,7 +59,7 @@ class Vm:
         self.freed = False
         self.killed = None            # why KVM would have killed the VM (kvm_vm_dead)
         self.tss_addr = None
-        self.identity_map_addr = abi.KVM_IDENTITY_MAP_ADDR_DEFAULT
+        self.identity_map_addr = IDENTITY_MAP_ADDR_DEFAULT
         self.manual_protect = 0
         self.counters = {"memslot_changes": 0, "dirty_log_gets": 0, "dirty_log_clears": 0}
 

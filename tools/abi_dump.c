@@ -580,16 +580,16 @@ int main(void)
 
 #ifdef WITH_NATIVE_ABI
 	/* kvmfs-private names of ABI values */
-#ifdef KVMFS_ADDRESS_SPACES
+#if defined(KVMFS_ADDRESS_SPACES) && !defined(KVM_ADDRESS_SPACE_NUM)   /* else printed above */
 	A(KVM_ADDRESS_SPACE_NUM, KVMFS_ADDRESS_SPACES);
 #endif
-#ifdef KVMFS_USER_MEM_SLOTS
+#if defined(KVMFS_USER_MEM_SLOTS) && !defined(KVM_USER_MEM_SLOTS)   /* else printed above */
 	A(KVM_USER_MEM_SLOTS, KVMFS_USER_MEM_SLOTS);
 #endif
-#ifdef KVMFS_MANUAL_ENABLE
+#if defined(KVMFS_MANUAL_ENABLE) && !defined(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)   /* else printed above */
 	A(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVMFS_MANUAL_ENABLE);
 #endif
-#ifdef KVMFS_MANUAL_INIT_SET
+#if defined(KVMFS_MANUAL_INIT_SET) && !defined(KVM_DIRTY_LOG_INITIALLY_SET)   /* else printed above */
 	A(KVM_DIRTY_LOG_INITIALLY_SET, KVMFS_MANUAL_INIT_SET);
 #endif
 #else
