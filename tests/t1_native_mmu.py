@@ -956,3 +956,23 @@ def test_views_stream_in_whole_lines_from_a_cursor(mmu):
     dirty_texts = {size: _stream(lib.kvmfs_view_dirty, mmu, 0, 0, size=size) for size in (64, 100, 1 << 16)}
     assert len(set(dirty_texts.values())) == 1
     assert dirty_texts[64].splitlines() == ["page gpa"] + [f"{p} 0x{p << 12:x}" for p in sorted(set(pages))]
+
+
+def test_walk_address_bits_above_maxphyaddr_are_reserved(mmu):
+    """A PTE frame above the guest's physical-address width is a #PF with P|RSVD (it was
+    taken as MMIO); so is a 2 MiB page with a bit set between PAT and its frame."""
+    g = Guest(mmu)
+    va = 0x00007f1234567000
+    lm_tables(g, va)
+    leaf = 0x4000 + ((va >> 12) & 511) * 8
+    pg = paging(**LM)
+    pg.maxphyaddr = 40
+    g.q(leaf, (1 << 40) | 0x5000 | P | RW)
+    o = xl(mmu, va, READ, pg)
+    assert o.kind == lib.KVMFS_XL_PF and o.pf_error_code == PF_P | PF_RSVD
+    assert xl(mmu, va, WRITE, pg).pf_error_code == PF_P | PF_W | PF_RSVD
+    g.q(leaf, (1 << 39) | 0x5000 | P | RW)                 # below the width: an ordinary gpa
+    assert xl(mmu, va, READ, pg).kind == lib.KVMFS_XL_MMIO
+    pd = 0x3000 + ((va >> 21) & 511) * 8
+    g.q(pd, (1 << 13) | P | RW | PS)                          # bit 13: reserved in a 2 MiB PDE
+    assert xl(mmu, va, READ, pg).pf_error_code == PF_P | PF_RSVD
