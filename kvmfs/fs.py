@@ -404,9 +404,14 @@ def build_operations(fs):
     ops = fusepy.fuse_operations
     t = dict((f[0], f[1]) for f in ops._fields_)
 
+    debug = log.isEnabledFor(logging.DEBUG)      # --debug: every request in the log
+
     def guarded(name):
         def deco(fn):
             def cb(*args):
+                if debug:
+                    log.debug("%s %s (pid %d)", name, args[0].decode(errors="replace")
+                              if isinstance(args[0], bytes) else "", _get_context().contents.pid)
                 try:
                     return fn(*args)
                 except BaseException as e:  # noqa: BLE001 -- every failure becomes an errno
