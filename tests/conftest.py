@@ -1,20 +1,39 @@
-"""Shared pytest fixtures: a kvmfs mount and access to the host's real /dev/kvm.
+"""Shared pytest fixtures: kvmfs mounts, their daemon logs, and the host's /dev/kvm.
 
-`mounted` (session scope) starts `python -m kvmfs mount --foreground` on a fresh
-directory, waits for `<dir>/kvm` to appear and yields the mount point (a str that
-also carries `.log` and `.proc`).  At the end it always unmounts: first with
+`mounted` (module scope: a daemon that crashes fails one module, not every later
+test) starts `python -m kvmfs mount --foreground` on a fresh directory, waits for
+`<dir>/kvm` to appear and yields the mount point (a str that also carries `.log`,
+`.proc` and `test_log()`).  At the end it always unmounts: first with
 `python -m kvmfs umount`, then `fusermount -uz`, then `umount -l`, and finally
 terminates the daemon.  Without a usable /dev/fuse it skips, unless
 KVMFS_REQUIRE_FUSE=1, which turns the skip into a failure.
 
+Daemon log check (S3QL's checklogs): a test that uses a mount fails when its
+daemon wrote a WARNING, ERROR or CRITICAL line, a traceback, or anything at all
+on stdout/stderr while the test ran, unless the test declared it:
+
+    @pytest.mark.expect_log(r"KVM_RUN: EINVAL")      # regexes, searched in each line
+    def test_x(mounted, expect_log):
+        expect_log(r"read guest memory: EFAULT")      # or at run time
+        expect_log.errnos(("EINVAL", 0))              # the warnings of these errno answers
+
+(`pytestmark = pytest.mark.expect_log(...)` declares it for a module).  Only the
+lines written during the test count: its setup and call are checked when the call
+ends (the test fails), its teardown when the teardown ends (an error).
+`mounted.test_log()` is the log text of the running test alone.  A failing test's
+report gets that text as a section, after a moment for the daemon to write it.
+
 `real_kvm` yields "/dev/kvm" when it can be opened; otherwise it skips, unless
 KVMFS_REQUIRE_KVM=1.
 """
+import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -60,12 +79,20 @@ def _kvm_unusable():
     return None
 
 
+# A daemon log line that fails a test unless the test expects it.
+PROBLEM = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) |Traceback \(most recent call last\)")
+
+
 class Mount(str):
-    """A kvmfs mount point: the path itself, plus `.log` (daemon log file) and `.proc`."""
+    """A kvmfs mount point: the path itself, plus `.log` (daemon log file) and `.proc`.
+
+    `mark` is where the running test's part of the log (and of the daemon's
+    stdout/stderr, `.log + ".out"`) starts: byte offsets into both files."""
 
     def __new__(cls, path, log, proc):
         self = super().__new__(cls, path)
         self.log, self.proc = log, proc
+        self.mark = (0, 0)
         return self
 
     def log_text(self):
@@ -74,6 +101,29 @@ class Mount(str):
                 return f.read()
         except OSError as e:
             return f"(no daemon log: {e})"
+
+    def _since(self, path, offset):
+        """The complete lines of `path` from `offset` on, and the offset after them."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except OSError:
+            return [], offset
+        end = data.rfind(b"\n") + 1
+        return data[:end].decode(errors="replace").splitlines(), offset + end
+
+    def test_log(self):
+        """The daemon log written since the running test started."""
+        lines, _ = self._since(self.log, self.mark[0])
+        return "".join(line + "\n" for line in lines)
+
+    def take(self):
+        """(log lines, stdout/stderr lines) written since `mark`; `mark` moves past them."""
+        log, log_end = self._since(self.log, self.mark[0])
+        out, out_end = self._since(self.log + ".out", self.mark[1])
+        self.mark = (log_end, out_end)
+        return log, out
 
 
 def _is_mounted(path):
@@ -139,9 +189,9 @@ def start_mount(mnt, log):
                 pytrace=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mounted(tmp_path_factory):
-    """A kvmfs mount point for the whole session (see module docstring)."""
+    """A kvmfs mount point for one test module (see module docstring)."""
     why = _fuse_unusable()
     if why:
         skip_or_fail("KVMFS_REQUIRE_FUSE", why)
@@ -151,10 +201,113 @@ def mounted(tmp_path_factory):
     try:
         yield m
     finally:
+        m.unmounting = True
         unmount(m, m.proc)
-        text = m.log_text()
-        if "Traceback" in text:
-            sys.stderr.write(f"--- kvmfs daemon log ({m.log}) has tracebacks ---\n{text}\n")
+        if m.proc.returncode:       # the last test's teardown check reads the log lines
+            warnings.warn(f"kvmfs daemon on {m} exited with status {m.proc.returncode} "
+                          f"when unmounted (log: {m.log})")
+
+
+# --- the daemon log check -------------------------------------------------------------
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "expect_log(*patterns): daemon log lines (regexes) the test provokes on purpose")
+
+
+def _mount_of(item):
+    m = getattr(item, "funcargs", {}).get("mounted")
+    return m if isinstance(m, Mount) else None
+
+
+def _expected(item):
+    patterns = list(getattr(item, "_kvmfs_expect_log", []))
+    for mark in item.iter_markers("expect_log"):
+        patterns.extend(mark.args)
+    return [re.compile(p) for p in patterns]
+
+
+def _check_log(item, phase):
+    """Fail (raise) on the unexpected daemon output written since the mount's mark."""
+    m = _mount_of(item)
+    if m is None:
+        return
+    log, out = m.take()
+    expected = _expected(item)
+    bad = [line for line in log if PROBLEM.search(line) and not any(p.search(line) for p in expected)]
+    unmounting = getattr(m, "unmounting", False)
+    # fuse's own notes while it is unmounted ("fuse: failed to unmount ...") are nobody's
+    bad += [f"(stdout/stderr) {line}" for line in out
+            if line.strip() and (not unmounting or PROBLEM.search(line))
+            and not any(p.search(line) for p in expected)]
+    died = m.proc.poll()
+    if died is not None and not unmounting:
+        bad.append(f"(the daemon exited with status {died})")
+    if bad:
+        pytest.fail(f"kvmfs daemon output the test did not expect ({phase}; declare it with "
+                    f"expect_log if it is provoked on purpose):\n  " + "\n  ".join(bad),
+                    pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    result = yield
+    m = _mount_of(item)
+    if m is not None and not getattr(m, "_checked_once", False):
+        m._checked_once = True     # a fresh mount: its start-up lines are nobody's
+        m.take()
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        result = yield
+    except BaseException:
+        m = _mount_of(item)
+        if m is not None:
+            time.sleep(0.2)        # let the daemon write what the failure provoked
+            item._kvmfs_failed_log = m.test_log()
+        raise
+    _check_log(item, "setup and call")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    _check_log(item, "teardown")
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    text = getattr(item, "_kvmfs_failed_log", None)
+    if call.when == "call" and text is not None:
+        report.sections.append(("kvmfs daemon log (this test)", text or "(empty)"))
+    return report
+
+
+class ExpectLog:
+    """The `expect_log` fixture: expect_log(pattern, ...) declares daemon log lines
+    (regexes) the test provokes on purpose; expect_log.errnos(answer) those of the
+    errno answers named in `answer` (the daemon logs each errno answer as a warning)."""
+
+    def __init__(self, patterns):
+        self.patterns = patterns
+
+    def __call__(self, *patterns):
+        self.patterns.extend(patterns)
+
+    def errnos(self, answer):
+        names = set(re.findall(r"\bE[A-Z0-9]+\b", repr(answer))) & set(errno.errorcode.values())
+        self(*(rf"WARNING kvmfs\.\w+: .*: {name}\b" for name in sorted(names)))
+
+
+@pytest.fixture
+def expect_log(request):
+    """See ExpectLog."""
+    return ExpectLog(request.node.__dict__.setdefault("_kvmfs_expect_log", []))
 
 
 @pytest.fixture(scope="session")

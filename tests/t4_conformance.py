@@ -53,14 +53,16 @@ def test_kvm(kvm, case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_kvmfs(kvmfs, case):
+def test_kvmfs(kvmfs, case, expect_log):
+    expect_log.errnos(case.expected_kvmfs())
     want = case.expected_kvmfs()
     got = result(kvmfs, case)
     assert got == want, _explain(case, got, want, "kvmfs")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.comparable(HOST)], ids=_ids)
-def test_kvmfs_same_as_kvm(kvm, kvmfs, case):
+def test_kvmfs_same_as_kvm(kvm, kvmfs, case, expect_log):
+    expect_log.errnos(case.expected_kvmfs())
     theirs = result(kvm, case)
     ours = result(kvmfs, case)
     assert ours == theirs, (f"{case.name}: kvmfs {ours!r} != /dev/kvm {theirs!r}\n"

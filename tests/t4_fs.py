@@ -97,6 +97,7 @@ def test_address_space_1_has_its_own_memory(mounted, kvm):
     vm.close()
 
 
+@pytest.mark.expect_log(r"read guest memory: EFAULT .*private anonymous memory")
 def test_private_anonymous_memory_fails_on_access_with_a_hint(mounted, kvm):
     vm = kvm.create_vm()
     anon = mmap.mmap(-1, MiB, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -105,10 +106,11 @@ def test_private_anonymous_memory_fails_on_access_with_a_hint(mounted, kvm):
     with pytest.raises(OSError) as e:
         vm.read_gpa(0, 8)
     assert e.value.errno == errno.EFAULT
-    assert wait_for(lambda: "memfd_create" in mounted.log_text())
+    assert wait_for(lambda: "memfd_create" in mounted.test_log())
     vm.close()
 
 
+@pytest.mark.expect_log(r"ioctl: EIO \(vm\d+ belongs to pid")
 def test_vm_ioctl_from_another_process_is_eio(mounted, kvm):
     vm = kvm.create_vm()
     pid = os.fork()
@@ -179,6 +181,7 @@ def test_shell_creates_vm_loads_image_and_reads_it_back(mounted, tmp_path):
     assert any(line.startswith("1 1 0x0 0xfff 0x1000") for line in lines), out.stdout
 
 
+@pytest.mark.expect_log(r"KVM_SET_USER_MEMORY_REGION: (EEXIST|EINVAL) ", r"command: EINVAL \(unknown command")
 def test_shell_command_errors_are_the_ioctl_errnos(mounted):
     out = sh("""
         exec 3<>cmd; echo create_vm >&3; read -r word vm <&3
@@ -204,6 +207,7 @@ def test_unknown_paths_and_views_are_read_only(mounted, kvm):
     vm.close()
 
 
+@pytest.mark.expect_log(r"read guest memory: EFAULT .*is not mapped in pid")
 def test_invalidation_forgets_unmapped_memory(mounted, kvm):
     vm = kvm.create_vm()
     mem = alloc_guest_memory(MiB)

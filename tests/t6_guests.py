@@ -109,8 +109,9 @@ def test_kvm(kvm, entry):
 
 
 @pytest.mark.parametrize("entry", ALL, ids=_id)
-def test_kvmfs(kvmfs, entry):
+def test_kvmfs(kvmfs, entry, expect_log):
     case, api = entry
+    expect_log.errnos(case.expected_kvmfs())
     got = result("kvmfs", kvmfs, case, api)
     want = case.expected_kvmfs()
     assert got == want, f"{case.name} on kvmfs: {case.why}\n" + _diff(got, want)
@@ -118,8 +119,9 @@ def test_kvmfs(kvmfs, entry):
 
 @pytest.mark.parametrize("entry", [e for e in ALL if e[0].kvm_answers(HOST) is not None
                                    and e[0].comparable(HOST)], ids=_id)
-def test_kvmfs_same_as_kvm(kvm, kvmfs, entry):
+def test_kvmfs_same_as_kvm(kvm, kvmfs, entry, expect_log):
     case, api = entry
+    expect_log.errnos(case.expected_kvmfs())
     theirs = result("kvm", kvm, case, api)
     ours = result("kvmfs", kvmfs, case, api)
     assert ours == theirs, f"{case.name}: kvmfs differs from /dev/kvm\n" + _diff(ours, theirs)

@@ -273,6 +273,7 @@ def test_vcpu_events_move_the_vcpu_between_address_spaces(smm):
 
 
 @pytest.mark.parametrize("smram", ["none", "readonly"])
+@pytest.mark.expect_log(r"WARNING kvmfs\.vm: vm\d+ killed: vcpu0: SMI state save")
 def test_a_state_save_with_nowhere_to_go_kills_only_that_vm(smm, mounted, smram):
     g = smm(smram=smram != "none", smram_flags=abi.KVM_MEM_READONLY)
     g.put(g.ram, 0x1000, REAL_GUEST)
@@ -286,7 +287,7 @@ def test_a_state_save_with_nowhere_to_go_kills_only_that_vm(smm, mounted, smram)
         with pytest.raises(OSError) as e:
             call()
         assert e.value.errno == errno.EIO
-    assert "killed" in mounted.log_text()
+    assert "killed" in mounted.test_log()
     other = smm()                                        # the daemon and other VMs go on
     other.put(other.ram, 0x1000, REAL_GUEST)
     other.real_mode()
