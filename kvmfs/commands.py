@@ -54,9 +54,9 @@ def _number(name, text, limit=U64):
         value = int(text, 0)
     except ValueError:
         raise KvmError(errno.EINVAL, "command", f"{name} {text!r}: expected a number "
-                       "(decimal, 0x hex, 0o octal or 0b binary)", warn=False) from None
+                       "(decimal, 0x hex, 0o octal or 0b binary)") from None
     if not 0 <= value <= limit:
-        raise KvmError(errno.EINVAL, "command", f"{name} {text}: expected 0..0x{limit:x}", warn=False)
+        raise KvmError(errno.EINVAL, "command", f"{name} {text}: expected 0..0x{limit:x}")
     return value
 
 
@@ -66,14 +66,14 @@ def _cap(name, text):
     value = getattr(abi, "KVM_CAP_" + text.upper(), None)
     if not isinstance(value, int):
         raise KvmError(errno.EINVAL, "command", f"{name} {text!r}: no such capability "
-                       "(a number or a name such as NR_MEMSLOTS)", warn=False)
+                       "(a number or a name such as NR_MEMSLOTS)")
     return value
 
 
 def _mode(name, text):
     if text not in presets.MODES:
         raise KvmError(errno.EINVAL, "command", f"{name} {text!r}: expected one of "
-                       f"{', '.join(presets.MODES)}", warn=False)
+                       f"{', '.join(presets.MODES)}")
     return text
 
 
@@ -96,23 +96,21 @@ def _parse(cmd, words):
         if i >= len(words):
             if optional:
                 continue
-            raise KvmError(errno.EINVAL, cmd.name, f"missing {name}; usage: {cmd.usage}", warn=False)
+            raise KvmError(errno.EINVAL, cmd.name, f"missing {name}; usage: {cmd.usage}")
         parse = _ARG_TYPES.get(name)
         key = name.lower() + ("_" if keyword.iskeyword(name.lower()) else "")
         args[key] = (parse(name, words[i]) if parse else
                               _number(name, words[i], _ARG_LIMITS.get(name, U64)))
         i += 1
     if i < len(words):
-        raise KvmError(errno.EINVAL, cmd.name, f"unexpected {words[i]!r}; usage: {cmd.usage}",
-                       warn=False)
+        raise KvmError(errno.EINVAL, cmd.name, f"unexpected {words[i]!r}; usage: {cmd.usage}")
     return args
 
 
 def _assignment(cmd, word):
     name, eq, value = word.partition("=")
     if not eq or not name:
-        raise KvmError(errno.EINVAL, cmd.name, f"{word!r}: expected NAME=VALUE; usage: {cmd.usage}",
-                       warn=False)
+        raise KvmError(errno.EINVAL, cmd.name, f"{word!r}: expected NAME=VALUE; usage: {cmd.usage}")
     return name, _number(name, value)
 
 
@@ -120,7 +118,7 @@ def _split(line):
     try:
         return shlex.split(line, comments=True)
     except ValueError as e:                                    # unbalanced quotes, a lone escape
-        raise KvmError(errno.EINVAL, "command", f"cannot parse {line.strip()!r}: {e}", warn=False)
+        raise KvmError(errno.EINVAL, "command", f"cannot parse {line.strip()!r}: {e}")
 
 
 def execute(obj, ctx, text):
@@ -139,8 +137,7 @@ def execute(obj, ctx, text):
             cmd = table.get(words[0])
             if cmd is None:
                 raise KvmError(errno.EINVAL, "command", f"unknown command {words[0]!r}; "
-                               f"known: {' '.join(sorted(table))} (`help` shows their usage)",
-                               warn=False)
+                               f"known: {' '.join(sorted(table))} (`help` shows their usage)",)
             args = _parse(cmd, words[1:])
             if isinstance(obj, Vm):
                 obj.check_owner(shell, cmd.name)
@@ -306,7 +303,7 @@ def _assign(target, fields_of, name, value):
     obj, _, field = name.rpartition(".")
     holder = getattr(target, obj, None) if obj else target
     if holder is None or obj and obj not in fields_of or field not in dict(type(holder)._fields_):
-        raise KvmError(errno.EINVAL, "command", f"no register {name!r}", warn=False)
+        raise KvmError(errno.EINVAL, "command", f"no register {name!r}")
     setattr(holder, field, value)
 
 

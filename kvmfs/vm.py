@@ -143,7 +143,7 @@ class Vm:
             if tgid != self.owner_pid:
                 raise KvmError(errno.EIO, op, f"vm{self.id} belongs to pid {self.owner_pid}, not {tgid}")
         if self.dead:
-            raise KvmError(errno.EIO, op, f"vm{self.id} is dead")
+            raise KvmError(errno.EIO, op, f"vm{self.id} is dead", warn=False)
         if self.killed:
             raise KvmError(errno.EIO, op, f"vm{self.id} was killed: {self.killed}", warn=False)
 

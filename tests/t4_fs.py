@@ -181,7 +181,8 @@ def test_shell_creates_vm_loads_image_and_reads_it_back(mounted, tmp_path):
     assert any(line.startswith("1 1 0x0 0xfff 0x1000") for line in lines), out.stdout
 
 
-@pytest.mark.expect_log(r"KVM_SET_USER_MEMORY_REGION: (EEXIST|EINVAL) ", r"command: EINVAL \(unknown command")
+@pytest.mark.expect_log(r"(KVM_SET_USER_MEMORY_REGION|set_user_memory_region): (EEXIST|EINVAL) ",
+                        r"command: EINVAL \(unknown command")
 def test_shell_command_errors_are_the_ioctl_errnos(mounted):
     out = sh("""
         exec 3<>cmd; echo create_vm >&3; read -r word vm <&3

@@ -179,6 +179,7 @@ print(probe(lambda: os.open(d + "/mem", os.O_RDONLY)),
 """
 
 
+@pytest.mark.expect_log(r"(open|readlink): EACCES .* belongs to pid")
 def test_another_process_reaches_no_guest_state(mounted, kvm):
     """Same uid, not the creator: no guest memory, no kvm_run (as its ioctls get EIO)."""
     vm = kvm.create_vm()
@@ -231,6 +232,7 @@ def test_other_users_reach_nothing_by_default(world_mount):
     ("enable_cap NO_SUCH_CAP", "no such capability"),
     ("frobnicate", "unknown command"),
 ])
+@pytest.mark.expect_log(r"WARNING kvmfs.fs: [a-z_]+: EINVAL ")
 def test_malformed_commands_answer_einval_with_the_reason(mounted, line, says):
     exec_ = subprocess.run(["bash", "-c", f"exec 3<>cmd; echo create_vm >&3; read -r _ vm <&3; "
                             f"cd vm$vm; echo {line!r} > cmd; cat cmd; cd ..; "
@@ -241,6 +243,7 @@ def test_malformed_commands_answer_einval_with_the_reason(mounted, line, says):
     assert healthy(mounted)
 
 
+@pytest.mark.expect_log(r"KVM_SET_USER_MEMORY_REGION: EEXIST .* overlaps another slot")
 def test_refused_shell_slots_leave_no_memory_behind(mounted):
     """Each refused 64 MiB slot from the shell allocated its memory first and kept it."""
     script = ("exec 3<>cmd; echo create_vm >&3; read -r _ vm <&3; cd vm$vm; "
