@@ -532,6 +532,7 @@ class Server:
         self.idle = 0
         self.workers = 0
         self.done = threading.Event()
+        self.gone = threading.Event()         # every worker has left the request loop
         # allow_other only when asked (the CLI does for --mode/--group): by default
         # only the user who mounted reaches the mount at all, as /dev/kvm is 0600.
         opts = ",".join(("fsname=kvmfs", "subtype=kvmfs", "default_permissions") + tuple(options))
@@ -569,11 +570,20 @@ class Server:
             _lib.fuse_session_process(self.session, buf, res, chan)
             with self.lock:
                 if self.idle >= self.max_idle:
-                    self.workers -= 1
+                    self._leave()
                     return
                 self.idle += 1
         _lib.fuse_session_exit(self.session)
         self.done.set()
+        with self.lock:
+            self.idle -= 1
+            self._leave()
+
+    def _leave(self):
+        """A worker ends (lock held); the last one lets serve() free the session."""
+        self.workers -= 1
+        if self.workers == 0:
+            self.gone.set()
 
     def serve(self, reaper_interval=1.0):
         """Serve until unmounted; every reaper_interval free VMs whose creator died."""
@@ -584,5 +594,9 @@ class Server:
                 self.fs.system.reap()
             except Exception:  # noqa: BLE001 -- a reaper bug must not stop the mount
                 log.exception("reaper")
-        self.fs.system.destroy_all()
+        self.fs.system.destroy_all()          # kicks vCPUs out of KVM_RUN: their workers end
+        # Every worker must be out of libfuse before the session is freed: one still
+        # reading /dev/fuse would use it after fuse_teardown (a crash at unmount).
+        if not self.gone.wait(10):
+            log.warning("%d FUSE workers still busy at unmount", self.workers)
         _lib.fuse_teardown(self.fuse, self._mnt)

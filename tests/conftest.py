@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
 import pytest
 
@@ -164,7 +163,8 @@ def unmount(path, proc=None):
 
 def start_mount(mnt, log):
     """Start the daemon on `mnt`; return a Mount once `mnt/kvm` exists, else fail the test."""
-    cmd = [sys.executable, "-m", "kvmfs", "mount", "--foreground", "--log", str(log), str(mnt)]
+    cmd = [sys.executable, "-X", "faulthandler",          # a crash leaves its stacks in LOG.out
+           "-m", "kvmfs", "mount", "--foreground", "--log", str(log), str(mnt)]
     out = open(str(log) + ".out", "wb")
     proc = subprocess.Popen(cmd, env=daemon_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     out.close()
@@ -203,9 +203,9 @@ def mounted(tmp_path_factory):
     finally:
         m.unmounting = True
         unmount(m, m.proc)
-        if m.proc.returncode:       # the last test's teardown check reads the log lines
-            warnings.warn(f"kvmfs daemon on {m} exited with status {m.proc.returncode} "
-                          f"when unmounted (log: {m.log})")
+        if m.proc.returncode:       # a crash at unmount fails the module's last test
+            pytest.fail(f"kvmfs daemon on {m} exited with status {m.proc.returncode} "
+                        f"when unmounted (log: {m.log}, {m.log}.out)", pytrace=False)
 
 
 # --- the daemon log check -------------------------------------------------------------
