@@ -44,6 +44,7 @@ def test_msr_ioctls_take_at_most_255_entries(kvm, n, want):
     except OSError as e:
         got = e.errno
     assert got == want
+    vcpu.close()
     vm.close()
 
 
@@ -66,4 +67,6 @@ def test_a_load_straddling_the_end_of_memory_exits_with_the_part_outside(kvm):
     vcpu.run()
     assert run.exit_reason == abi.KVM_EXIT_HLT
     assert vcpu.get_regs().rax & 0xFFFFFFFF == 0x44332211
+    del run                                                   # a view into the kvm_run mapping
+    vcpu.close()
     vm.close()

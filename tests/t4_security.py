@@ -114,7 +114,7 @@ def test_views_read_while_vms_come_and_go(mounted, kvm):
         while time.time() < stop:
             vm = kvm.create_vm()
             vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
-            vm.create_vcpu(0)
+            vm.create_vcpu(0).close()
             vm.close()
 
     def read():
@@ -152,6 +152,7 @@ def test_failed_read_ioctl_copies_nothing_back(mounted, kvm, kind):
         fcntl.ioctl(fd, cmd, buf, True)
     assert e.value.errno in (errno.EINVAL, errno.ENOTTY)
     assert bytes(buf) == b"\x5a" * size
+    vcpu.close()
     vm.close()
 
 
@@ -183,10 +184,11 @@ print(probe(lambda: os.open(d + "/mem", os.O_RDONLY)),
 def test_another_process_reaches_no_guest_state(mounted, kvm):
     """Same uid, not the creator: no guest memory, no kvm_run (as its ioctls get EIO)."""
     vm = kvm.create_vm()
-    vm.create_vcpu(0)
+    vcpu = vm.create_vcpu(0)
     mem_, run_, view = _as_other_process(PROBE, vm.dir).split()
     assert (mem_, run_) == ("EACCES", "EACCES")
     assert view == "ok"                                      # a view: same user may read it
+    vcpu.close()
     vm.close()
 
 
@@ -209,13 +211,14 @@ def test_other_users_reach_nothing_by_default(world_mount):
     """/dev/kvm's model: the mount's owner only (uid 65534 read root's VMs and made its own)."""
     kvm = Kvm(world_mount)
     vm = kvm.create_vm()
-    vm.create_vcpu(0)
+    vcpu = vm.create_vcpu(0)
     paths = [os.path.join(world_mount, p) for p in
              ("kvm", "cmd", "info/json", os.path.basename(vm.dir) + "/info/vcpu0")]
     out = subprocess.run(["/bin/sh", "-c", 'for p; do cat "$p" >/dev/null; done', "sh"] + paths,
                          capture_output=True, text=True, cwd="/",
                          preexec_fn=lambda: os.setresuid(65534, 65534, 65534))
     assert out.stderr.count("Permission denied") == len(paths), out.stderr
+    vcpu.close()
     vm.close()
     kvm.close()
 
