@@ -169,6 +169,24 @@ def view_piece(name, *args, cursor, size=1 << 16):
     return ffi.unpack(buf, n), c[0]
 
 
+# --- runarea.c: kvm_run areas the VMM may truncate -------------------------------------
+def runarea_add(cdata, size):
+    """Guard the kvm_run area at cdata (size bytes) until runarea_remove."""
+    return ensure(lib.kvmfs_runarea_add(cdata, size), "register the kvm_run area")
+
+
+def runarea_remove(cdata):
+    lib.kvmfs_runarea_remove(cdata)
+
+
+def runarea_replaced():
+    return lib.kvmfs_runarea_replaced()
+
+
+def runarea_install_guard():
+    return ensure(lib.kvmfs_runarea_install_guard(), "install the SIGBUS guard")
+
+
 # --- vcpu.c: one engine per vCPU ---------------------------------------------------------
 def vcpu_new(mmu, vcpu_id, run):
     """A native vCPU over the kvm_run area `run`, which must stay mapped until vcpu_free."""

@@ -251,6 +251,7 @@ def serve(mnt, log_path, debug, report=None, log_name=None, mode=None, gid=None)
         _write_daemon_file(run_dir, daemon)
         from kvmfs import _native
         _native.vcpu_install_intr_signal(signal.SIGUSR1)   # libfuse's "intr" signal
+        _native.runarea_install_guard()                     # a truncated vcpuK.run is not fatal
         kwargs = _fs_kwargs(fs.KvmFs, mode, gid)
         options = ("intr", "allow_other") if _needs_allow_other(mode, gid) else ("intr",)
         before = os.stat(mnt).st_dev

@@ -8,7 +8,7 @@ import itertools
 import logging
 import threading
 
-from kvmfs import abi
+from kvmfs import _native as native, abi
 from kvmfs.errors import KvmError, check
 from kvmfs.vm import Vm
 
@@ -23,6 +23,7 @@ class System:
         self.vms = {}
         self.run_dir = run_dir          # tmpfs directory for kvm_run areas
         self._ids = itertools.count()
+        self.runareas_replaced = 0
 
     # --- ioctls -------------------------------------------------------------------
     def get_api_version(self, ctx, arg, data):
@@ -89,7 +90,13 @@ class System:
         log.info("vm%d destroyed (%s)", vm.id, why)
 
     def reap(self):
-        """Free VMs nobody can reach any more: never opened and their creator exited."""
+        """Free VMs nobody can reach any more: never opened and their creator exited;
+        say when a VMM truncated its kvm_run area (it was replaced by private pages)."""
+        replaced = native.runarea_replaced()
+        if replaced != self.runareas_replaced:
+            log.warning("%d kvm_run area(s) truncated by their VMM: replaced by private pages "
+                        "(the VMM no longer sees their exits)", replaced - self.runareas_replaced)
+            self.runareas_replaced = replaced
         for _, vm in self.live_vms():
             if vm.unreachable():
                 self.destroy_vm(vm, f"creator pid {vm.owner_pid} exited without opening it")

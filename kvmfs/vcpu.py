@@ -70,10 +70,13 @@ class Vcpu:
         # Lifetime: run_cdata pins run_map's buffer for as long as the native vCPU lives.
         self.run_cdata = native.from_buffer(self.run_map)
         self.kvm_run = native.cast("struct kvm_run *", self.run_cdata)
+        self.native = native.NULL
         try:
+            # The VMM may truncate the file under the daemon: a SIGBUS then replaces
+            # the area with private pages (runarea.c) instead of killing the daemon.
+            native.runarea_add(self.run_cdata, abi.VCPU_MMAP_SIZE)
             self.native = native.vcpu_new(vm.mmu, vcpu_id, self.kvm_run)
         except KvmError:
-            self.native = native.NULL
             self.free()
             raise
         self.kvm_run.apic_base = APIC_BASE_RESET
@@ -87,6 +90,7 @@ class Vcpu:
             os.unlink(self.run_path)
         except OSError:
             pass
+        native.runarea_remove(self.run_cdata)
         del self.kvm_run, self.run_cdata
         self.run_map.close()
 

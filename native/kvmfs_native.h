@@ -317,10 +317,19 @@ struct kvmfs_smm_state {
 void kvmfs_smram_save(uint8_t *map, const struct kvmfs_smm_state *st, int lm);
 void kvmfs_smram_load(const uint8_t *map, struct kvmfs_smm_state *st, int lm);
 
+/* -------------------------------------------------------------- runarea.c --
+ * kvm_run areas (shared with the VMM, which may truncate them) and the SIGBUS
+ * guard that replaces a truncated one with private pages instead of dying.
+ * Python (vcpu.py: add/remove, cli.py: install_guard, system.py: replaced).
+ */
+int kvmfs_runarea_add(void *start, uint64_t size);
+void kvmfs_runarea_remove(void *start);
+uint64_t kvmfs_runarea_replaced(void);
+int kvmfs_runarea_install_guard(void);
+
 /* ---------------------------------------------------------------- views.c --
- * The per-page text views, formatted in C: at most size bytes of text go to
- * buf; the return value is the length of the whole text (retry with a bigger
- * buffer when it is more than size), or -errno.
+ * The per-page text views, formatted in C and streamed from a cursor (whole
+ * lines, at most size bytes a call, 0 at the end), or -errno.
  * Python (views.py).
  */
 int64_t kvmfs_view_sptes(kvmfs_mmu *mmu, uint64_t *cursor, char *buf, uint64_t size);

@@ -18,6 +18,7 @@ import time
 import pytest
 
 import conftest
+import guestcases
 from kvmfs import abi
 from kvmfs.client import Kvm, alloc_guest_memory
 
@@ -331,3 +332,27 @@ def test_a_huge_dirty_view_is_streamed(mounted, kvm):
     assert total == expected
     vm.close()
     mem.close()
+
+
+@pytest.mark.expect_log(r"kvm_run area\(s\) truncated by their VMM")
+def test_a_truncated_kvm_run_area_does_not_kill_the_daemon(mounted, kvm):
+    """vcpuK.run is a file the VMM may open read-write: truncating it made the daemon's
+    next write to the area a SIGBUS that ended every VM of the mount."""
+    vm = kvm.create_vm()
+    mem = alloc_guest_memory(0x10000)
+    mem.map[0x1000:0x1002] = b"\xf4\xf4"                     # hlt; hlt
+    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
+    vcpu = vm.create_vcpu(0)
+    guestcases.setup(vcpu, mem, "real", 0x1000)
+    os.truncate(os.path.join(vm.dir, "vcpu0.run"), 0)
+    fcntl.ioctl(vcpu.fd, abi.KVM_RUN, 0)                     # the daemon writes the HLT exit
+    fcntl.ioctl(vcpu.fd, abi.KVM_RUN, 0)
+    assert vcpu.get_regs().rip == 0x1002
+    assert healthy(mounted)
+    deadline = time.monotonic() + 5                          # the reaper says it once a second
+    while "truncated by their VMM" not in mounted.test_log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    vcpu.close()
+    vm.close()
