@@ -1,17 +1,36 @@
 """Guest memory is the VMM's memory: find what backs a VMM address and map it here.
 
-As KVM walks the VMAs of `current->mm`, the daemon reads the VM owner's
-/proc/PID/maps, finds the mapping that holds an hva, opens the very file behind
-it (/proc/PID/map_files/START-END), checks that its device and inode are the
-ones the maps line names, and maps the same pages MAP_SHARED into the daemon.
-The native MMU then reaches guest memory through that mapping: what the VMM
-writes the guest sees at once, and the reverse.  Memory that cannot be shared
-this way (private anonymous, private file mappings) or that is not mapped at all
-resolves to an error that the caller turns into EFAULT with a hint.
+As KVM walks the VMAs of `kvm->mm`, the daemon reads the VM creator's maps,
+finds the mapping that holds an hva, opens the very file behind it
+(map_files/START-END), checks that its device and inode are the ones the maps
+line names, and maps the same pages MAP_SHARED into the daemon.  The native MMU
+then reaches guest memory through that mapping: what the VMM writes the guest
+sees at once, and the reverse.  Memory that cannot be shared this way (private
+anonymous, private file mappings) or that is not mapped at all resolves to an
+error that the caller turns into EFAULT with a hint.
 
-Owns: the daemon's mappings of VMM memory for one VM (one per VMA resolved).
+Bound to one address space for the VM's life, as kvm->mm is:
+  - everything is opened relative to the creator's pinned /proc directory
+    (procmem.Process), never through its pid number, which a later process
+    can get;
+  - the maps file is opened once, when the HostMemory is made, and re-read
+    from its start on each lookup: an open maps file keeps walking the address
+    space it was opened on (after an exec it reads as empty, after an exit it
+    fails), so a lookup never reads another address space's layout;
+  - map_files/ is looked up in the creator's current address space, and the
+    file it gives is used only when its device and inode are those of the
+    pinned maps line: the same object, mapped at the pinned mapping's offset.
+Once the creator has exited (or exec'd), ranges not resolved yet fail with
+EFAULT, logged once; ranges already mapped stay mapped (they are the VMM's own
+shared memory, which the VM was given).
+
+Owns: the daemon's mappings of VMM memory for one VM (one per VMA resolved),
+mapped and unmapped here with mmap(2)/munmap(2), and the open maps file.
 Must not touch: memslots (mmu.c owns them).
+Locks: HostMemory.lock (resolve, invalidate, close), then _maps_lock (the maps
+file's read position); find_vma takes _maps_lock alone.
 """
+import ctypes
 import errno
 import logging
 import mmap
@@ -19,6 +38,7 @@ import os
 import threading
 from dataclasses import dataclass
 
+from kvmfs import procmem
 from kvmfs._native import ffi, lib
 from kvmfs.errors import KvmError
 
@@ -27,6 +47,29 @@ log = logging.getLogger("kvmfs.hostmem")
 HINT = ("allocate guest memory the daemon can share: memfd_create() + mmap(MAP_SHARED) "
         "(kvmfs.client.alloc_guest_memory(), kvmfs_alloc_guest_memory() in kvmfs.h), "
         "or a MAP_SHARED tmpfs/regular file")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.munmap.restype = ctypes.c_int
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _mmap_shared(fd, size, offset):
+    """A MAP_SHARED read/write mapping of fd; its address (unmapped with _munmap only)."""
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
+    if addr == _MAP_FAILED or addr is None:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return addr
+
+
+def _munmap(addr, size):
+    if _libc.munmap(addr, size) != 0:
+        e = ctypes.get_errno()
+        log.error("munmap 0x%x+0x%x: %s", addr, size, os.strerror(e))
 
 
 @dataclass
@@ -48,33 +91,101 @@ def parse_maps_line(line):
     return Vma(start, end, parts[1], int(parts[2], 16), (major, minor), int(parts[4]), path)
 
 
+def _scan(lines, hva):
+    """(the Vma of lines holding hva or None, whether there was any line at all)."""
+    seen = False
+    for line in lines:
+        seen = True
+        dash = line.index("-")
+        start = int(line[:dash], 16)
+        if start > hva:
+            return None, True
+        end = int(line[dash + 1:line.index(" ")], 16)
+        if hva < end:
+            return parse_maps_line(line), True
+    return None, seen
+
+
 def find_vma(pid, hva):
-    """The mapping of pid that contains hva, or None."""
+    """The mapping of whatever process has id pid now that contains hva, or None.
+
+    Deprecated (the number may be another process's by now): HostMemory.find_vma.
+    """
     try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                dash = line.index("-")
-                start = int(line[:dash], 16)
-                if start > hva:
-                    return None
-                end = int(line[dash + 1:line.index(" ")], 16)
-                if hva < end:
-                    return parse_maps_line(line)
+        with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
+            return _scan(f, hva)[0]
     except (OSError, ValueError):
         return None
-    return None
 
 
 class HostMemory:
-    """The daemon's mappings of one VM owner's memory."""
+    """The daemon's mappings of one VM creator's memory.
 
-    def __init__(self, mmu, pid):
+    Attributes:
+      process    the creator (procmem.Process), or None when it had gone already
+      pid        its process id, for messages
+      maps       VMM hva start -> (daemon address, size) of every mapping made here
+      allocated  the starts of the ranges kvmfs allocated itself (keys of maps)
+    """
+
+    def __init__(self, mmu, process):
+        """mmu: the VM's native MMU; process: its creator, a procmem.Process that
+        the caller keeps and closes (or, the older form, a pid: pinned here, now,
+        and let go of by close())."""
         self.mmu = mmu
-        self.pid = pid
-        self.maps = {}          # hva start -> (mmap object, size)
-        self.allocated = set()  # starts of the ranges kvmfs allocated itself
-        self.lock = threading.Lock()  # vCPUs missing the same range resolve it once
+        self._own_process = not isinstance(process, procmem.Process)
+        if self._own_process:
+            self.pid = process
+            try:
+                process = procmem.Process.of_pid(process, "pin VM creator")
+            except KvmError as e:
+                log.info("%s: guest memory cannot be resolved", e)
+                process = None
+        else:
+            self.pid = process.tgid
+        self.process = process
+        self.maps = {}
+        self.allocated = set()
+        self.lock = threading.Lock()       # vCPUs missing the same range resolve it once
+        self._maps_lock = threading.Lock()
+        self._maps = None
+        self._gone_logged = False
+        self._closed = False
+        if process is not None:
+            try:
+                self._maps = process.open_proc("maps", errors="surrogateescape")
+            except OSError as e:
+                log.info("pid %d: cannot open its maps (%s); guest memory cannot be resolved",
+                         self.pid, e.strerror)
 
+    # --- looking up the creator's mappings -----------------------------------------------
+    def find_vma(self, hva):
+        """The creator's mapping that contains hva, or None (not mapped, or creator gone)."""
+        return self._find(hva)[0]
+
+    def _find(self, hva):
+        """(Vma or None, whether the creator's address space is still there)."""
+        with self._maps_lock:
+            f = self._maps
+            if f is None:
+                return None, False
+            try:
+                f.seek(0)
+                return _scan(f, hva)
+            except (OSError, ValueError):  # ESRCH: the creator exited
+                return None, False
+
+    def _gone(self, what, hva):
+        if self.process is not None and self.process.alive():
+            why = f"creator pid {self.pid} has replaced its address space (exec)"
+        else:
+            why = f"creator pid {self.pid} has exited"
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.warning("%s: %s; guest memory it had not shared yet cannot be reached", what, why)
+        return KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x}: {why}", warn=False)
+
+    # --- resolving --------------------------------------------------------------------------
     def resolve(self, hva, what):
         """Map the VMA holding hva and register it with the MMU.
 
@@ -84,7 +195,13 @@ class HostMemory:
             self._resolve(hva, what)
 
     def _resolve(self, hva, what):
-        vma = find_vma(self.pid, hva)
+        if self._closed:
+            raise KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x}: the VM is gone", warn=False)
+        if any(s <= hva < s + sz for s, (_, sz) in self.maps.items()):
+            return                      # another vCPU resolved it since this one missed
+        vma, mm_there = self._find(hva)
+        if not mm_there:
+            raise self._gone(what, hva)
         if vma is None:
             raise KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x} is not mapped in pid {self.pid}")
         if vma.perms[3] != "s" or vma.inode == 0:
@@ -94,34 +211,40 @@ class HostMemory:
         if vma.perms[1] != "w":
             raise KvmError(errno.EFAULT, what,
                            f"VMM address 0x{hva:x} is mapped read-only; guest memory must be writable")
-        mapping = self._map(vma, what)
         size = vma.end - vma.start
-        rc = lib.kvmfs_hostmem_add(self.mmu, vma.start, size, ffi.from_buffer(mapping))
-        if rc == -errno.EEXIST:         # another thread resolved it first
-            mapping.close()
-            return
+        addr = self._map(vma, what)
+        # SAFETY: C keeps this daemon address until hostmem_remove hands it back
+        # (invalidate) or the MMU is freed; it is unmapped only after either.
+        rc = lib.kvmfs_hostmem_add(self.mmu, vma.start, size, ffi.cast("void *", addr))
         if rc < 0:
-            mapping.close()
-            raise KvmError(-rc, what, f"cannot register host memory 0x{vma.start:x}+0x{size:x}")
-        self.maps[vma.start] = (mapping, size)
+            _munmap(addr, size)
+            # EEXIST: part of the VMA was registered while it was smaller or
+            # elsewhere, and the VMM did not report the change (invalidate).
+            raise KvmError(errno.EFAULT if rc == -errno.EEXIST else -rc, what,
+                           f"cannot register host memory 0x{vma.start:x}+0x{size:x}: "
+                           f"{os.strerror(-rc)}")
+        self.maps[vma.start] = (addr, size)
         log.debug("pid %d: mapped %s 0x%x-0x%x", self.pid, vma.path, vma.start, vma.end)
 
     def _map(self, vma, what):
         try:
-            fd = os.open(f"/proc/{self.pid}/map_files/{vma.start:x}-{vma.end:x}", os.O_RDWR)
+            fd = self.process.open_fd(f"map_files/{vma.start:x}-{vma.end:x}", os.O_RDWR)
         except OSError as e:
-            raise KvmError(errno.EFAULT, what, f"cannot open the file behind 0x{vma.start:x}: {e}; {HINT}")
+            if e.errno == errno.ESRCH:
+                raise self._gone(what, vma.start) from None
+            raise KvmError(errno.EFAULT, what,
+                           f"cannot open the file behind 0x{vma.start:x}: {e}; {HINT}") from None
         try:
             st = os.fstat(fd)
             if (os.major(st.st_dev), os.minor(st.st_dev)) != vma.dev or st.st_ino != vma.inode:
                 raise KvmError(errno.EFAULT, what, f"mapping at 0x{vma.start:x} changed while resolving it")
-            return mmap.mmap(fd, vma.end - vma.start, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE, offset=vma.offset)
-        except (OSError, ValueError) as e:
-            raise KvmError(errno.EFAULT, what, f"cannot map the file behind 0x{vma.start:x}: {e}")
+            return _mmap_shared(fd, vma.end - vma.start, vma.offset)
+        except OSError as e:
+            raise KvmError(errno.EFAULT, what, f"cannot map the file behind 0x{vma.start:x}: {e}") from None
         finally:
             os.close(fd)
 
+    # --- memory kvmfs allocates ------------------------------------------------------------
     def allocate(self, size):
         """Guest memory kvmfs allocates itself (for shell users): a daemon memfd.
 
@@ -131,40 +254,52 @@ class HostMemory:
         fd = os.memfd_create("kvmfs-guest", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            addr = _mmap_shared(fd, size, 0)
+        except OSError as e:
+            raise KvmError(e.errno, "allocate guest memory", f"{size} bytes") from None
         finally:
             os.close(fd)
-        ptr = ffi.from_buffer(mapping)
-        addr = int(ffi.cast("uintptr_t", ptr))
-        rc = lib.kvmfs_hostmem_add(self.mmu, addr, size, ptr)
+        # SAFETY: as in _resolve, the mapping outlives its registration.
+        rc = lib.kvmfs_hostmem_add(self.mmu, addr, size, ffi.cast("void *", addr))
         if rc < 0:
-            del ptr
-            mapping.close()
+            _munmap(addr, size)
             raise KvmError(-rc, "allocate guest memory", f"{size} bytes")
-        self.maps[addr] = (mapping, size)
-        self.allocated.add(addr)
+        with self.lock:
+            self.maps[addr] = (addr, size)
+            self.allocated.add(addr)
         return addr
 
     def allocated_by_kvmfs(self, hva):
-        return any(s <= hva < s + self.maps[s][1] for s in self.allocated if s in self.maps)
+        return any(s <= hva < s + self.maps[s][1] for s in list(self.allocated) if s in self.maps)
 
+    # --- letting go --------------------------------------------------------------------------
     def invalidate(self, hva, size):
         """MMU-notifier invalidation: zap and unmap what lies in [hva, hva+size)."""
         ptrs = ffi.new("void *[]", 64)
         sizes = ffi.new("uint64_t[]", 64)
-        while True:
-            n = lib.kvmfs_hostmem_remove(self.mmu, hva, size, ptrs, sizes, 64)
-            if n < 0:
-                raise KvmError(-n, "invalidate", f"0x{hva:x}+0x{size:x}")
-            for start in [s for s, (_, sz) in self.maps.items() if s < hva + size and hva < s + sz]:
-                self.maps.pop(start)[0].close()
-            if n < 64:
-                return
+        with self.lock:
+            while True:
+                n = lib.kvmfs_hostmem_remove(self.mmu, hva, size, ptrs, sizes, 64)
+                if n < 0:
+                    raise KvmError(-n, "invalidate", f"0x{hva:x}+0x{size:x}")
+                for start in [s for s, (_, sz) in self.maps.items() if s < hva + size and hva < s + sz]:
+                    _munmap(*self.maps.pop(start))
+                    self.allocated.discard(start)
+                if n < 64:
+                    return
 
     def close(self):
-        for mapping, _ in self.maps.values():
-            try:
-                mapping.close()
-            except BufferError:
-                pass
-        self.maps.clear()
+        """Unmap everything and let go of the creator (after the MMU is freed or
+        no longer reaches these mappings)."""
+        with self.lock:
+            self._closed = True
+            for addr, size in self.maps.values():
+                _munmap(addr, size)
+            self.maps.clear()
+            self.allocated.clear()
+            with self._maps_lock:
+                if self._maps is not None:
+                    self._maps.close()
+                    self._maps = None
+            if self._own_process and self.process is not None:
+                self.process.close()
