@@ -38,8 +38,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from kvmfs import procmem
-from kvmfs._native import ffi, lib
+from kvmfs import _native as native, procmem
 from kvmfs.errors import KvmError
 
 log = logging.getLogger("kvmfs.hostmem")
@@ -215,14 +214,15 @@ class HostMemory:
         addr = self._map(vma, what)
         # SAFETY: C keeps this daemon address until hostmem_remove hands it back
         # (invalidate) or the MMU is freed; it is unmapped only after either.
-        rc = lib.kvmfs_hostmem_add(self.mmu, vma.start, size, ffi.cast("void *", addr))
-        if rc < 0:
+        try:
+            native.hostmem_add(self.mmu, vma.start, size, native.cast("void *", addr), what)
+        except KvmError as e:
             _munmap(addr, size)
             # EEXIST: part of the VMA was registered while it was smaller or
             # elsewhere, and the VMM did not report the change (invalidate).
-            raise KvmError(errno.EFAULT if rc == -errno.EEXIST else -rc, what,
+            raise KvmError(errno.EFAULT if e.errno == errno.EEXIST else e.errno, what,
                            f"cannot register host memory 0x{vma.start:x}+0x{size:x}: "
-                           f"{os.strerror(-rc)}")
+                           f"{os.strerror(e.errno)}") from None
         self.maps[vma.start] = (addr, size)
         log.debug("pid %d: mapped %s 0x%x-0x%x", self.pid, vma.path, vma.start, vma.end)
 
@@ -260,10 +260,11 @@ class HostMemory:
         finally:
             os.close(fd)
         # SAFETY: as in _resolve, the mapping outlives its registration.
-        rc = lib.kvmfs_hostmem_add(self.mmu, addr, size, ffi.cast("void *", addr))
-        if rc < 0:
+        try:
+            native.hostmem_add(self.mmu, addr, size, native.cast("void *", addr), "allocate guest memory")
+        except KvmError:
             _munmap(addr, size)
-            raise KvmError(-rc, "allocate guest memory", f"{size} bytes")
+            raise
         with self.lock:
             self.maps[addr] = (addr, size)
             self.allocated.add(addr)
@@ -275,18 +276,11 @@ class HostMemory:
     # --- letting go --------------------------------------------------------------------------
     def invalidate(self, hva, size):
         """MMU-notifier invalidation: zap and unmap what lies in [hva, hva+size)."""
-        ptrs = ffi.new("void *[]", 64)
-        sizes = ffi.new("uint64_t[]", 64)
         with self.lock:
-            while True:
-                n = lib.kvmfs_hostmem_remove(self.mmu, hva, size, ptrs, sizes, 64)
-                if n < 0:
-                    raise KvmError(-n, "invalidate", f"0x{hva:x}+0x{size:x}")
-                for start in [s for s, (_, sz) in self.maps.items() if s < hva + size and hva < s + sz]:
-                    _munmap(*self.maps.pop(start))
-                    self.allocated.discard(start)
-                if n < 64:
-                    return
+            native.hostmem_remove(self.mmu, hva, size)         # zapped, every TLB flushed
+            for start in [s for s, (_, sz) in self.maps.items() if s < hva + size and hva < s + sz]:
+                _munmap(*self.maps.pop(start))
+                self.allocated.discard(start)
 
     def close(self):
         """Unmap everything and let go of the creator (after the MMU is freed or

@@ -8,7 +8,7 @@ import itertools
 import logging
 import threading
 
-from kvmfs import _native as native, abi
+from kvmfs import _native as native, abi, procmem
 from kvmfs.errors import KvmError, check
 from kvmfs.vm import Vm
 
@@ -48,7 +48,8 @@ class System:
         """
         check(arg < 64 and abi.CAPS[abi.KVM_CAP_VM_TYPES] >> arg & 1, errno.EINVAL,
               "KVM_CREATE_VM", f"unsupported VM type {arg}")
-        return self.new_vm(ctx.tgid, ctx.uid if ctx.shell else None).id
+        owner = procmem.Process.of_caller(ctx.pid, "KVM_CREATE_VM")
+        return self.new_vm(owner, ctx.uid if ctx.shell else None).id
 
     def get_supported_cpuid(self, ctx, arg, data):
         """KVM_GET_SUPPORTED_CPUID (system): fills the caller's kvm_cpuid2 entries.
@@ -59,14 +60,19 @@ class System:
         return vcpu.get_supported_cpuid(ctx, arg, data)
 
     # --- lifetime -----------------------------------------------------------------
-    def new_vm(self, owner_pid, shell_uid=None):
-        """A LIVE VM owned by process owner_pid (or, for shell_uid, by that user)."""
+    def new_vm(self, owner, shell_uid=None):
+        """A LIVE VM owned by the procmem.Process owner (which it takes over), or for
+        shell_uid by that user."""
         with self.lock:
             vm_id = next(self._ids)
-        vm = Vm(self, vm_id, owner_pid, shell_uid)
+        try:
+            vm = Vm(self, vm_id, owner, shell_uid)
+        except BaseException:
+            owner.close()
+            raise
         with self.lock:
             self.vms[vm_id] = vm
-        who = f"uid {shell_uid} (shell)" if shell_uid is not None else f"pid {owner_pid}"
+        who = f"uid {shell_uid} (shell)" if shell_uid is not None else f"pid {owner.tgid}"
         log.info("vm%d created by %s", vm_id, who)
         return vm
 

@@ -12,7 +12,7 @@ import errno
 import json
 import threading
 
-from kvmfs import _native as native, abi, hostmem
+from kvmfs import _native as native, abi
 from kvmfs.errors import KvmError
 
 SYSTEM_VIEWS = ("vms", "caps", "json")
@@ -147,7 +147,7 @@ def slot_rows(vm):
             if vm.hostmem.allocated_by_kvmfs(s.userspace_addr):
                 backing = "kvmfs-allocated shared"
             else:
-                vma = hostmem.find_vma(vm.owner_pid, s.userspace_addr) if size else None
+                vma = vm.hostmem.find_vma(s.userspace_addr) if size else None
                 backing = "unmapped" if vma is None else (vma.path or "anonymous") + (
                     " shared" if vma.perms[3] == "s" else " private")
             rows.append({"as": s.as_id, "slot": s.id, "gpa_start": s.base_gfn << abi.PAGE_SHIFT,

@@ -1,8 +1,9 @@
 """A VM: its memslots (in the native MMU), host memory, vCPUs and VM ioctls.
 
 Owns: one native kvmfs_mmu, the HostMemory mappings of the creator's memory,
-the vCPUs.  A VM belongs to the process that created it (`owner_pid`, a
-thread-group id): VM and vCPU ioctls and every file that reaches its state
+the vCPUs.  A VM belongs to the process that created it (`owner`, a
+procmem.Process pinned by pidfd: a later process with the same number is not
+it): VM and vCPU ioctls and every file that reaches its state
 (memory, kvm_run) answer only that process, as KVM compares kvm->mm with
 current->mm (EIO for ioctls).  A VM created through a text command belongs to
 its creator's user instead (`shell_owned`): shell commands run in short-lived
@@ -41,16 +42,17 @@ IDENTITY_MAP_ADDR_DEFAULT = 0xFFFBC000     # where KVM puts the EPT identity map
 
 
 class Vm:
-    def __init__(self, system, vm_id, owner_pid, shell_uid=None):
+    def __init__(self, system, vm_id, owner, shell_uid=None):
+        """owner: the creating procmem.Process, which this VM now holds (closed with it)."""
         self.system = system
         self.id = vm_id
-        self.owner_pid = owner_pid
-        self.owner_start = procmem.process_start_time(owner_pid)
-        self.owner_uid = procmem.owner_uid(owner_pid) if shell_uid is None else shell_uid
+        self.owner = owner
+        self.owner_pid = owner.tgid              # for views and log lines only
+        self.owner_uid = owner.uid if shell_uid is None else shell_uid
         self.shell_owned = shell_uid is not None
         self.lock = threading.Lock()
         self.mmu = native.mmu_new()
-        self.hostmem = HostMemory(self.mmu, owner_pid)
+        self.hostmem = HostMemory(self.mmu, owner)
         self.vcpus = {}
         self.holds = 1                # the System table's, until the VM is DEAD
         self.files = 0
@@ -105,7 +107,7 @@ class Vm:
 
     def unreachable(self):
         return (not self.shell_owned and not self.opened and self.files == 0
-                and not procmem.alive(self.owner_pid, self.owner_start))
+                and not self.owner.alive())
 
     def destroy(self):
         """LIVE -> DEAD: out of reach of new requests; running vCPUs leave KVM_RUN.
@@ -131,6 +133,7 @@ class Vm:
         native.mmu_free(self.mmu)
         self.mmu = native.NULL
         self.hostmem.close()
+        self.owner.close()
 
     def check_owner(self, ctx, op="ioctl"):
         """Requests that reach the VM from another process: EIO, as KVM answers an
@@ -138,10 +141,9 @@ class Vm:
         if self.shell_owned:
             if ctx.uid != self.owner_uid and ctx.uid != 0:
                 raise KvmError(errno.EIO, op, f"vm{self.id} belongs to uid {self.owner_uid}, not {ctx.uid}")
-        elif ctx.tgid != self.owner_pid:
-            tgid = procmem.recheck_tgid(ctx.pid)
-            if tgid != self.owner_pid:
-                raise KvmError(errno.EIO, op, f"vm{self.id} belongs to pid {self.owner_pid}, not {tgid}")
+        elif not self.owner.owns(ctx.pid):
+            raise KvmError(errno.EIO, op, f"vm{self.id} belongs to pid {self.owner_pid}, "
+                           f"not to the process of thread {ctx.pid}")
         if self.dead:
             raise KvmError(errno.EIO, op, f"vm{self.id} is dead", warn=False)
         if self.killed:

@@ -94,7 +94,7 @@ class Mmu:
     def __init__(self):
         self.mmu = lib.kvmfs_mmu_new()
         assert self.mmu != ffi.NULL
-        assert lib.kvmfs_memslot_set(self.mmu, 0, 0, 0, 0, SIZE, HVA) >= 0
+        assert lib.kvmfs_memslot_set(self.mmu, 0, 0, 0, 0, SIZE, HVA, ffi.NULL) >= 0
 
     def read(self, hm, n=64):
         """What gpa 0 reads through hm (bytes), as vm.py's access_gpa does."""

@@ -10,6 +10,7 @@ import pytest
 
 from kvmfs import abi, commands
 from kvmfs.caller import Caller
+from kvmfs.procmem import Process
 from kvmfs.client import alloc_guest_memory
 from kvmfs.errors import KvmError
 from kvmfs.system import System
@@ -53,7 +54,7 @@ def test_system_ioctls(system):
 
 
 def test_memslots_and_guest_memory(system):
-    vm = system.new_vm(os.getpid())
+    vm = system.new_vm(Process.of_pid(os.getpid()))
     mem = alloc_guest_memory(2 * MiB)
     set_region = type(vm).set_user_memory_region
     assert call(vm, set_region, struct=region(0, 0, 0, MiB, mem.address)) == 0
@@ -70,7 +71,7 @@ def test_memslots_and_guest_memory(system):
 
 
 def test_dirty_log_handlers_check_before_they_touch(system):
-    vm = system.new_vm(os.getpid())
+    vm = system.new_vm(Process.of_pid(os.getpid()))
     mem = alloc_guest_memory(MiB)
     call(vm, type(vm).set_user_memory_region, struct=region(0, 0, 0, MiB, mem.address))
     bitmap = (ctypes.c_uint64 * 4)()
@@ -90,7 +91,7 @@ def test_dirty_log_handlers_check_before_they_touch(system):
 
 
 def test_vcpus_and_lifetime(system):
-    vm = system.new_vm(os.getpid())
+    vm = system.new_vm(Process.of_pid(os.getpid()))
     assert call(vm, type(vm).create_vcpu, 7) == 7
     assert errno_of(call, vm, type(vm).create_vcpu, 7) == errno.EEXIST
     assert errno_of(call, vm, type(vm).create_vcpu, abi.KVM_MAX_VCPU_ID) == errno.EINVAL
@@ -104,12 +105,13 @@ def test_vcpus_and_lifetime(system):
 
 
 def test_reaper_frees_vms_of_dead_creators_that_never_opened_them(system):
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    vm = system.new_vm(child.pid)
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    vm = system.new_vm(Process.of_pid(child.pid))       # pinned while it runs
+    child.communicate(b"")                               # then it exits without opening the VM
     system.reap()
     assert vm.dead and vm.id not in system.vms
-    alive = system.new_vm(os.getpid())
+    alive = system.new_vm(Process.of_pid(os.getpid()))
     system.reap()
     assert not alive.dead
 
