@@ -644,6 +644,8 @@ def main(argv=None):
     p.add_argument("--no-minimize", action="store_true")
     p.add_argument("--keep-rounds", action="store_true", help="keep every round's trace, not only findings'")
     p.add_argument("--gdb", action="store_true", help="run the daemon under gdb (native stacks of a crash)")
+    p.add_argument("--shrink", action="store_true",
+                   help="with --replay of a findings file: shrink it to the shortest reproducing trace")
     p.add_argument("--repeat", type=int, default=1, help="with --replay: run the trace this many times")
     p.add_argument("--json", help="write the summary here")
     a = p.parse_args(argv)
@@ -657,7 +659,14 @@ def main(argv=None):
         if a.replay:
             with open(a.replay) as f:
                 rnd = json.load(f)
-            rnd.pop("finding", None)
+            finding = rnd.pop("finding", None)
+            if a.shrink and finding:
+                f = dict(finding, file=a.replay, name=os.path.basename(a.replay)[:-5],
+                         seed=rnd.get("seed"), round=rnd.get("round"))
+                f.setdefault("detail", {})
+                fz.distinct[f["signature"]] = f
+                fz.minimize_all(a.minimize_seconds)
+                return 0
             for line in trace_lines(rnd["actions"]):
                 print("  " + line)
             for i in range(a.repeat):
