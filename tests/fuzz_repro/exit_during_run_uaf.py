@@ -1,7 +1,8 @@
 """A process exits (or is killed) while one of its threads is in KVM_RUN: exit
 closes the VM's last files, the daemon frees the VM and its vCPU while the
-KVM_RUN request still runs the vCPU in another daemon thread -> use after free,
-the daemon dies of SIGSEGV (sometimes only on the 2nd-10th try)."""
+KVM_RUN request may still run the vCPU in another daemon thread.  A stress check
+for the fuzzer's run_ioctl SIGSEGV rounds: it has not crashed the daemon here
+yet (invalidate_during_run.py and view_during_close_uaf.py do, every time)."""
 import threading
 import time
 
