@@ -76,8 +76,8 @@ def proc_status(pid):
     return out
 
 
-def task_states(pid):
-    """[(tid, state, wchan, kernel stack)] for every thread of pid."""
+def task_states(pid, light=False):
+    """[(tid, state, wchan, kernel stack)] for every thread of pid (light: states only)."""
     out = []
     for t in sorted(glob.glob(f"/proc/{pid}/task/*")):
         try:
@@ -87,6 +87,9 @@ def task_states(pid):
         except (OSError, ValueError):
             continue
         wchan = stack = ""
+        if light:
+            out.append((int(os.path.basename(t)), state, "", ""))
+            continue
         try:
             with open(t + "/wchan") as f:
                 wchan = f.read()
@@ -226,18 +229,24 @@ class Daemon:
         self.proc = None
 
     def abort_connection(self):
-        """Fail every request still waiting on this mount (a wedged daemon cannot)."""
+        """Fail every request still waiting on this mount (a wedged daemon cannot):
+        /sys/fs/fuse/connections/N/abort, N the minor of the mount's device (fusectl
+        is mounted first when it is not).  Other mounts' connections are not touched."""
+        ctl = "/sys/fs/fuse/connections"
+        if os.path.isdir(ctl) and not os.listdir(ctl):
+            subprocess.run(["mount", "-t", "fusectl", "none", ctl], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
         try:
-            dev = os.stat(self.mnt).st_dev
+            r = subprocess.run(["stat", "-c", "%d", self.mnt], capture_output=True, text=True, timeout=5)
+            dev = int(r.stdout)
+        except (subprocess.TimeoutExpired, ValueError):
+            return False
+        try:
+            with open(f"{ctl}/{os.minor(dev)}/abort", "w") as f:
+                f.write("1")
+            return True
         except OSError:
-            dev = None
-        for c in glob.glob("/sys/fs/fuse/connections/*"):
-            try:
-                if dev is None or int(os.path.basename(c)) == os.minor(dev):
-                    with open(c + "/abort", "w") as f:
-                        f.write("1")
-            except (OSError, ValueError):
-                pass
+            return False
 
 
 def log_records(text):
@@ -277,6 +286,7 @@ class Fuzzer:
         self.distinct = {}             # signature -> first finding
         self.samples = []
         self.popen_pids = set()
+        self.stuck = []                # clients freed only by a daemon restart
         self.rounds = 0
         self.actions = 0
 
@@ -374,16 +384,24 @@ class Fuzzer:
                                   detail={"log": rec[-6000:]}))
         if self._exists(proc.pid):
             self._kill(pids)
-        proc.wait()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # A thread of the client is stuck in a request nobody answers; a daemon
+            # restart ends it.  Noted in the round's hang, if there is one.
+            for f in found:
+                if f["kind"] == "hang":
+                    f["detail"]["unkillable_client"] = True
+            self.stuck.append(proc)
+            if not any(f["kind"] in ("crash", "hang", "mount-dead") for f in found):
+                found.append(dict(trace_info, kind="hang", signature="hang:unkillable-client",
+                                  detail={"pids": sorted(pids)}))
         return found
 
     def _exists(self, pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                st = f.read()
-            return st[st.rindex(")") + 2] not in "ZX"
-        except OSError:
-            return False
+        """pid has a thread that has not exited (a zombie leader whose other thread is
+        stuck in the kernel still exists)."""
+        return any(st not in "ZX" for _, st, _, _ in task_states(pid, light=True))
 
     def _reap(self):
         """Reap orphans handed to this subreaper; never the daemon or the worker (Popen's)."""
@@ -418,6 +436,12 @@ class Fuzzer:
     # --- findings ----------------------------------------------------------------
     def restart_daemon(self):
         self.daemon.stop()
+        for p in self.stuck:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.stuck = [p for p in self.stuck if p.poll() is None]
         self.daemon.start()
 
     def record(self, fs):
@@ -543,7 +567,7 @@ class Fuzzer:
 
     def minimize_all(self, budget):
         end = now() + budget
-        items = list(self.distinct.values())
+        items = [f for f in self.distinct.values() if f.get("seed") != "ior-sweep"]
         for i, f in enumerate(items):
             left = end - now()
             if left <= 0:
