@@ -221,6 +221,8 @@ int kvmfs_mmu_list_sptes_from(kvmfs_mmu *mmu, uint64_t *pos, struct kvmfs_spte_i
 		for (int i = 0; i < as->n; i++) {
 			struct kvmfs_slot *s = as->sorted[i];
 			uint64_t j = 0;
+			if (!s->sptes || !s->nsptes)    /* the array comes with the first spte */
+				continue;
 			if (a == start_as && start_gfn > s->base_gfn)
 				j = start_gfn - s->base_gfn;
 			for (; j < s->npages; j++) {

@@ -942,6 +942,7 @@ def test_views_stream_in_whole_lines_from_a_cursor(mmu):
     h = HostMem(mmu, 4 << 20)
     assert mset(mmu, 0, 0, 2 << 20, h.hva, flags=lib.KVM_MEM_LOG_DIRTY_PAGES) == lib.KVMFS_MR_CREATE
     assert mset(mmu, 1, 0, 1 << 20, h.hva + (2 << 20), as_id=1) == lib.KVMFS_MR_CREATE
+    assert mset(mmu, 2, 3 << 20, 1 << 20, h.hva + (3 << 20)) == lib.KVMFS_MR_CREATE   # never touched
     pages = list(range(0, 512, 3)) + [511]              # 172 sptes: more than one batch of C's
     for p in pages:
         xl(mmu, p << 12, WRITE)
