@@ -6,7 +6,7 @@ NATIVE  := $(wildcard native/*.c native/*.h patches/*.patch) native/build.py scr
 SO      := kvmfs/.native-built
 MNT     ?= mnt
 
-.PHONY: all demo test test-fast test-asan bench mount umount deps clean guests
+.PHONY: all demo test test-fast test-asan fuzz bench mount umount deps clean guests
 
 all: $(SO)
 
@@ -41,6 +41,11 @@ demo: $(SO) guests
 
 test: $(SO) guests
 	@$(PY) -m pytest -q tests
+
+# Stateful fuzzing of a private mount (ioctls, files, text commands, forks, races);
+# `make test` runs 20 s of it.  FUZZ_SECONDS=600 FUZZ_ARGS="--seed 7".
+fuzz: $(SO) guests
+	@$(PY) tests/fuzz/fuzz.py --seconds $(or $(FUZZ_SECONDS),300) $(FUZZ_ARGS)
 
 test-fast: $(SO) guests
 	@$(PY) -m pytest -q tests/t0_abi.py tests/t1_native_mmu.py tests/t2_vm.py tests/t3_vcpu.py

@@ -1,8 +1,8 @@
-"""A bounded run of the stateful fuzzer (tools/fuzz/fuzz.py) against its own mount.
+"""A bounded run of the stateful fuzzer (tests/fuzz/fuzz.py) against its own mount.
 
-Skipped unless KVMFS_FUZZ=1 (it fails on the daemon's known bugs until they are
-fixed).  KVMFS_FUZZ_SECONDS (default 20) and KVMFS_FUZZ_SEED (default 1) choose
-the run; a failure names each distinct finding and the command that replays it.
+Part of `make test` (KVMFS_FUZZ=0 skips it); `make fuzz` runs the fuzzer longer.
+KVMFS_FUZZ_SECONDS (default 20) and KVMFS_FUZZ_SEED (default 1) choose the run;
+a failure names each distinct finding and the command that replays it.
 """
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 
 from conftest import REPO, _fuse_unusable, daemon_env, skip_or_fail
 
-pytestmark = pytest.mark.skipif(os.environ.get("KVMFS_FUZZ", "") in ("", "0"),
-                                reason="fuzzing runs with KVMFS_FUZZ=1")
+pytestmark = pytest.mark.skipif(os.environ.get("KVMFS_FUZZ", "1") == "0",
+                                reason="KVMFS_FUZZ=0")
 
 
 def test_fuzz_finds_no_crash_hang_traceback_or_leak(tmp_path):
@@ -24,7 +24,7 @@ def test_fuzz_finds_no_crash_hang_traceback_or_leak(tmp_path):
     seconds = os.environ.get("KVMFS_FUZZ_SECONDS", "20")
     seed = os.environ.get("KVMFS_FUZZ_SEED", "1")
     summary = tmp_path / "summary.json"
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "fuzz", "fuzz.py"),
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fuzz", "fuzz.py"),
                         "--seconds", seconds, "--seed", seed, "--no-minimize",
                         "--out", str(tmp_path / "out"), "--json", str(summary)],
                        cwd=REPO, env=daemon_env(), capture_output=True, text=True,
@@ -33,7 +33,7 @@ def test_fuzz_finds_no_crash_hang_traceback_or_leak(tmp_path):
     s = json.loads(summary.read_text())
     counts = s["counts"]
     report = "\n".join(f"[{f['kind']}] {f['signature']} (seed {f['seed']} round {f['round']}): "
-                       f"{sys.executable} tools/fuzz/fuzz.py --replay "
+                       f"{sys.executable} tests/fuzz/fuzz.py --replay "
                        f"{tmp_path}/out/findings/{f['name']}.json"
                        for f in s["distinct"])
     assert s["rounds"] > 0, p.stdout + p.stderr

@@ -3,7 +3,7 @@ fault handler on (a crash prints every thread's Python stack to stderr) and
 SIGUSR2 bound to an all-threads stack dump, so a hang can be looked at from
 outside without stopping the daemon.
 
-    python -X faulthandler tools/fuzz/daemon.py mount --foreground --log LOG MNT
+    python -X faulthandler tests/fuzz/daemon.py mount --foreground --log LOG MNT
 """
 import faulthandler
 import os

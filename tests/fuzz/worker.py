@@ -1,6 +1,6 @@
 """The fuzz client: runs one round of actions (gen.py) against a kvmfs mount.
 
-    python tools/fuzz/worker.py MNT ROUND.json EVENTS
+    python tests/fuzz/worker.py MNT ROUND.json EVENTS
 
 Every action is bracketed by two lines appended to EVENTS (one JSON object a
 line, O_APPEND, shared by forked children):

@@ -1,9 +1,9 @@
 """Stateful fuzzer for kvmfs: random rounds of ioctls, file operations, text
 commands, forks and threads against a daemon it mounts itself.
 
-    python tools/fuzz/fuzz.py --seconds 60 [--seed S] [--hang 15] [--out DIR]
-    python tools/fuzz/fuzz.py --replay DIR/findings/NAME.json [--gdb]
-    python tools/fuzz/fuzz.py --seconds 20 --json summary.json --no-minimize   (tests/t7_fuzz.py)
+    python tests/fuzz/fuzz.py --seconds 60 [--seed S] [--hang 15] [--out DIR]
+    python tests/fuzz/fuzz.py --replay DIR/findings/NAME.json [--gdb]
+    python tests/fuzz/fuzz.py --seconds 20 --json summary.json --no-minimize   (tests/t7_fuzz.py)
 
 One round = one client process (worker.py) running a list of actions generated
 from seed "S.R" (gen.py); forked children and threads are part of the round.
@@ -458,7 +458,7 @@ class Fuzzer:
                         rnd = json.load(rf)
                     json.dump(dict(rnd, finding={k: v for k, v in f.items() if k != "file"}), fh, indent=1)
                 print(f"FINDING {f['kind']}: {f['signature']}  seed={f['seed']} round={f['round']}\n"
-                      f"  replay: {sys.executable} tools/fuzz/fuzz.py --replay "
+                      f"  replay: {sys.executable} tests/fuzz/fuzz.py --replay "
                       f"{os.path.join(self.out, 'findings', name + '.json')}", flush=True)
             if f["kind"] in ("crash", "hang", "mount-dead"):
                 restart = True
