@@ -209,6 +209,19 @@ int64_t kvmfs_mmu_clear_young(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gfn, uint
 
 /* Fills up to max records (address space, then gfn order); returns the total
  * number of sptes, so a caller can size its buffer and ask again. */
+/* What the views show of page j's spte (lock held). */
+static void spte_info(struct kvmfs_spte_info *o, uint32_t as_id, const struct kvmfs_slot *s,
+		      uint64_t j, const struct kvmfs_spte *sp)
+{
+	o->as_id = as_id;
+	o->flags = sp->flags;
+	if (s->wbits[j / 64] & (1ull << (j % 64)))
+		o->flags |= KVMFS_SPTE_W;
+	o->gfn = sp->gfn;
+	o->hva = s->hva + (j << PAGE_SHIFT);
+	o->uphys = sp->uphys;
+}
+
 int kvmfs_mmu_list_sptes_from(kvmfs_mmu *mmu, uint64_t *pos, struct kvmfs_spte_info *out, int max)
 {
 	uint32_t start_as = (uint32_t)(*pos >> KVMFS_SPTE_POS_AS_SHIFT);
@@ -234,14 +247,7 @@ int kvmfs_mmu_list_sptes_from(kvmfs_mmu *mmu, uint64_t *pos, struct kvmfs_spte_i
 					pthread_mutex_unlock(&mmu->lock);
 					return n;
 				}
-				out[n].as_id = a;
-				out[n].flags = sp->flags;
-				if (s->wbits[j / 64] & (1ull << (j % 64)))
-					out[n].flags |= KVMFS_SPTE_W;
-				out[n].gfn = sp->gfn;
-				out[n].hva = s->hva + (j << PAGE_SHIFT);
-				out[n].uphys = sp->uphys;
-				n++;
+				spte_info(&out[n++], a, s, j, sp);
 			}
 		}
 	}
@@ -265,15 +271,8 @@ int kvmfs_mmu_list_sptes(kvmfs_mmu *mmu, struct kvmfs_spte_info *out, int max)
 				if (!sp)
 					continue;
 				left--;
-				if (n < max) {
-					out[n].as_id = a;
-					out[n].flags = sp->flags;
-					if (s->wbits[j / 64] & (1ull << (j % 64)))
-						out[n].flags |= KVMFS_SPTE_W;
-					out[n].gfn = sp->gfn;
-					out[n].hva = s->hva + (j << PAGE_SHIFT);
-					out[n].uphys = sp->uphys;
-				}
+				if (n < max)
+					spte_info(&out[n], a, s, j, sp);
 				n++;
 			}
 		}

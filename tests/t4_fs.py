@@ -12,6 +12,7 @@ import time
 import pytest
 
 from kvmfs import abi
+from guests import spinning_vcpu
 from kvmfs.client import Kvm, alloc_guest_memory, ioctl
 
 MiB = 1 << 20
@@ -226,22 +227,6 @@ def test_invalidation_forgets_unmapped_memory(mounted, kvm):
     assert vm.read_gpa(0, 5) == b"after"
     assert "notifier_invalidations: 1" in vm.info("stats")
     vm.close()
-
-
-def spinning_vcpu(kvm):
-    """A VM whose vCPU 0 is set up to run `jmp $` in real mode: (vm, vcpu, memory)."""
-    vm = kvm.create_vm()
-    mem = alloc_guest_memory(0x10000)
-    mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
-    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
-    vcpu = vm.create_vcpu(0)
-    s = vcpu.get_sregs()
-    s.cs.selector, s.cs.base = 0, 0
-    vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    r.rip = 0x1000
-    vcpu.set_regs(r)
-    return vm, vcpu, mem
 
 
 def test_a_running_vcpu_stalls_nothing_and_a_signal_ends_it(mounted, kvm):

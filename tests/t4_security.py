@@ -19,6 +19,7 @@ import pytest
 
 import conftest
 import guestcases
+from guests import spinning_vcpu
 from kvmfs import abi
 from kvmfs.client import Kvm, alloc_guest_memory
 
@@ -40,21 +41,6 @@ def gone(mnt, vm, timeout=10):
     while name in os.listdir(mnt):
         assert time.monotonic() < deadline, f"{name} still there"
         time.sleep(0.01)
-
-
-def spinning(kvm):
-    vm = kvm.create_vm()
-    mem = alloc_guest_memory(0x10000)
-    mem.map[0x1000:0x1002] = b"\xeb\xfe"                     # jmp $
-    vm.set_user_memory_region(0, 0, 0, 0x10000, mem.address)
-    vcpu = vm.create_vcpu(0)
-    s = vcpu.get_sregs()
-    s.cs.selector, s.cs.base = 0, 0
-    vcpu.set_sregs(s)
-    r = vcpu.get_regs()
-    r.rip = 0x1000
-    vcpu.set_regs(r)
-    return vm, vcpu, mem
 
 
 def errno_of(fn, *args):
@@ -83,7 +69,7 @@ def test_guest_memory_file_outliving_its_vm_answers_eio(mounted, kvm):
 
 
 def test_closing_a_vm_under_a_running_text_command_run(mounted, kvm):
-    vm, vcpu, mem = spinning(kvm)
+    vm, vcpu, mem = spinning_vcpu(kvm)
     cmd = os.open(os.path.join(vm.dir, "vcpu0.cmd"), os.O_RDWR)
     out = {}
 
