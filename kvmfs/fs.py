@@ -380,6 +380,13 @@ def _errno_of(exc, op):
     return errno.EIO
 
 
+def _ioctl_shape(cmd):
+    """(argument size, copied back to the caller, starts uninitialised) of an ioctl number."""
+    size, direction = abi.ioc_size(cmd), abi.ioc_dir(cmd)
+    readback = bool(size and direction & abi.IOC_READ)
+    return size, readback, readback and not direction & abi.IOC_WRITE
+
+
 def _restore_caller_bytes(data, addr, size):
     """Put the caller's current bytes at addr into libfuse's reply buffer (zeros if
     they cannot be read), so that the copy-out after an error changes nothing."""
@@ -490,9 +497,13 @@ def build_operations(fs):
         # caller's own bytes are put back: a failed ioctl leaves the caller's memory
         # as it was, as in KVM, and never shows it daemon memory.
         cmd &= 0xFFFFFFFF
-        size = abi.ioc_size(cmd) if data else 0
-        readback = size and abi.ioc_dir(cmd) & abi.IOC_READ
-        if readback and not abi.ioc_dir(cmd) & abi.IOC_WRITE:
+        shape = shapes.get(cmd)
+        if shape is None:
+            shape = _ioctl_shape(cmd)
+            if len(shapes) < 1024:            # bounded: callers choose the numbers
+                shapes[cmd] = shape
+        size, readback, zero = shape if data else (0, False, False)
+        if zero:
             ctypes.memset(data, 0, size)
         try:
             return fs.ioctl(fip.contents.fh, cmd, arg or 0, data)
@@ -502,6 +513,7 @@ def build_operations(fs):
             _restore_caller_bytes(data, arg or 0, size)
         return -err
 
+    shapes = {}                 # ioctl number -> _ioctl_shape, for the numbers seen first
     ioctl_cb = t["ioctl"](ioctl_cb)
     table = ops()
     for name, cb in (("getattr", getattr_cb), ("readlink", readlink_cb), ("open", open_cb),
