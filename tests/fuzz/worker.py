@@ -676,6 +676,8 @@ class Worker:
     def child(self, actions, prefix):
         code = 0
         try:
+            # Another thread may have held the lock at fork(): the child gets its own.
+            self.lock = threading.RLock()
             self.threads = []
             self.local = threading.local()
             self.ev.emit(t="P", ppid=os.getppid())
