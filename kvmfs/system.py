@@ -14,6 +14,8 @@ from kvmfs.vm import Vm
 
 log = logging.getLogger("kvmfs.system")
 
+SHELL_VMS_PER_USER = 64
+
 
 class System:
     """All VMs of one mount."""
@@ -48,6 +50,12 @@ class System:
         """
         check(arg < 64 and abi.CAPS[abi.KVM_CAP_VM_TYPES] >> arg & 1, errno.EINVAL,
               "KVM_CREATE_VM", f"unsupported VM type {arg}")
+        if ctx.shell:
+            # A process's VMs are bounded by its fd limit (each is an fd); a user's shell
+            # VMs have no fd, so they get a bound of their own.
+            mine = sum(1 for _, vm in self.live_vms() if vm.shell_owned and vm.owner_uid == ctx.uid)
+            check(mine < SHELL_VMS_PER_USER, errno.EMFILE, "create_vm",
+                  f"uid {ctx.uid} has {mine} shell VMs; destroy_vm one first")
         owner = procmem.Process.of_caller(ctx.pid, "KVM_CREATE_VM")
         return self.new_vm(owner, ctx.uid if ctx.shell else None).id
 

@@ -342,3 +342,20 @@ def test_a_truncated_kvm_run_area_does_not_kill_the_daemon(mounted, kvm):
 
     vcpu.close()
     vm.close()
+
+
+@pytest.mark.expect_log(r"create_vm: EMFILE")
+def test_a_user_has_a_bounded_number_of_shell_vms(mounted):
+    """Shell VMs outlive their commands, so they are bounded per user (a process's VMs are
+    bounded by its fds): the fuzzer grew a daemon by 230 MB of them."""
+    from kvmfs.system import SHELL_VMS_PER_USER
+    script = (f"for i in $(seq {SHELL_VMS_PER_USER + 1}); do echo create_vm > cmd || exit 7; done")
+    out = subprocess.run(["bash", "-c", script], cwd=mounted, capture_output=True, text=True)
+    assert out.returncode == 7 and "Too many open files" in out.stderr, out.stderr
+    mine = [line.split()[0] for line in open(os.path.join(mounted, "info", "vms")).read().splitlines()
+            if f"uid:{os.getuid()}" in line]
+    assert len(mine) == SHELL_VMS_PER_USER
+    for name in mine:
+        with open(os.path.join(mounted, "cmd"), "w") as f:
+            f.write(f"destroy_vm {name[2:]}\n")
+    assert healthy(mounted)
