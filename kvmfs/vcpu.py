@@ -24,7 +24,6 @@ from kvmfs.errors import KvmError, check
 
 log = logging.getLogger("kvmfs.vcpu")
 
-MAX_IO_MSRS = 256                      # KVM refuses nmsrs >= this with E2BIG (x86.c)
 _MSR_SIZE = ctypes.sizeof(abi.kvm_msr_entry)
 _CPUID_SIZE = ctypes.sizeof(abi.kvm_cpuid_entry2)
 _MSRS_HDR = ctypes.sizeof(abi.kvm_msrs)      # the entries follow the header in the caller's memory
@@ -183,7 +182,9 @@ class Vcpu:
 
     def _msrs(self, ctx, arg, data, op, write):
         n = abi.kvm_msrs.from_address(data).nmsrs
-        check(n < MAX_IO_MSRS, errno.E2BIG, op, f"{n} msrs (at most {MAX_IO_MSRS - 1})")
+        # before the entries are read: E2BIG, not EFAULT, for a short buffer (as msr_io)
+        check(n < abi.KVM_MAX_MSR_ENTRIES, errno.E2BIG, op,
+              f"{n} msrs (at most {abi.KVM_MAX_MSR_ENTRIES - 1})")
         entries = native.new("struct kvm_msr_entry[]", max(n, 1))
         procmem.read_into(ctx.pid, arg + _MSRS_HDR, native.addr(entries), n * _MSR_SIZE, op)
         done = native.vcpu_msrs(self._engine(op), entries, n, write, op)

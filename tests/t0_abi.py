@@ -39,7 +39,7 @@ VARIANTS = {
 NOT_IN_UAPI = {
     "IOC_NONE", "IOC_WRITE", "IOC_READ", "API_VERSION", "VCPU_MMAP_SIZE",
     "KVM_USER_MEM_SLOTS", "KVM_ADDRESS_SPACE_NUM", "KVM_MAX_VCPUS", "KVM_MAX_VCPU_ID",
-    "KVM_MAX_CPUID_ENTRIES", "KVM_MEM_FLAGS_V1", "PAGE_SIZE", "PAGE_SHIFT", "TASK_SIZE_MAX",
+    "KVM_MAX_CPUID_ENTRIES", "KVM_MAX_MSR_ENTRIES", "KVM_MEM_FLAGS_V1", "PAGE_SIZE", "PAGE_SHIFT", "TASK_SIZE_MAX",
     "GUEST_PHYS_BITS", "MSR_IA32_SMBASE",
 }
 # abi.py classes that are parts of another struct (kvm_run's exit union members,
@@ -254,6 +254,7 @@ def test_kvmfs_answers_are_the_specs():
     assert abi.KVM_ADDRESS_SPACE_NUM == 2                # VMX/SVM with SMM
     assert (abi.KVM_MAX_VCPUS, abi.KVM_MAX_VCPU_ID) == (1024, 4096)
     assert abi.KVM_MAX_CPUID_ENTRIES == 256
+    assert abi.KVM_MAX_MSR_ENTRIES == 256
 
 
 def test_struct_sizes_are_the_specs():
