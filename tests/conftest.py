@@ -310,6 +310,16 @@ def expect_log(request):
     return ExpectLog(request.node.__dict__.setdefault("_kvmfs_expect_log", []))
 
 
+@pytest.fixture
+def kvm(mounted):
+    """A kvmfs.client.Kvm on the module's mount (modules comparing with /dev/kvm
+    define their own `kvm`)."""
+    from kvmfs.client import Kvm
+    k = Kvm(mounted)
+    yield k
+    k.close()
+
+
 @pytest.fixture(scope="session")
 def real_kvm():
     """The path of the host's KVM device, when it can be opened."""

@@ -13,16 +13,9 @@ import pytest
 
 from kvmfs import abi
 from guests import spinning_vcpu
-from kvmfs.client import Kvm, alloc_guest_memory, ioctl
+from kvmfs.client import alloc_guest_memory, ioctl
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def kvm(mounted):
-    k = Kvm(mounted)
-    yield k
-    k.close()
 
 
 def vm_dirs(mnt):

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvmfs import abi
-from kvmfs.client import Kvm, alloc_guest_memory
+from kvmfs.client import alloc_guest_memory
 
 from tests.guests import assemble_text
 
@@ -38,13 +38,6 @@ def flat32(vcpu, rip):
     r = vcpu.get_regs()
     r.rip, r.rflags = rip, 2
     vcpu.set_regs(r)
-
-
-@pytest.fixture
-def kvm(mounted):
-    k = Kvm(mounted)
-    yield k
-    k.close()
 
 
 @pytest.mark.parametrize("change", ["delete", "move"])

@@ -23,13 +23,6 @@ from guests import spinning_vcpu
 from kvmfs import abi
 from kvmfs.client import Kvm, alloc_guest_memory
 
-@pytest.fixture
-def kvm(mounted):
-    k = Kvm(mounted)
-    yield k
-    k.close()
-
-
 def healthy(mnt):
     with open(os.path.join(mnt, "info", "vms")) as f:
         return f.read().startswith("vm ")
