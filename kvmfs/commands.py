@@ -26,26 +26,18 @@ import ctypes
 import errno
 import keyword
 import shlex
-import threading
 
 from kvmfs import _native as native, abi, presets, views
 from kvmfs.errors import KvmError
 
-_last = {}          # id(object) -> last reply text
-_last_lock = threading.Lock()
 
 Command = collections.namedtuple("Command", "name usage fn ioctl")
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 
 
 def last_reply(obj):
-    return _last.get(id(obj), "")
-
-
-def forget(obj):
-    """Drop an object's last answer (its VM is gone)."""
-    with _last_lock:
-        _last.pop(id(obj), None)
+    """The last answer of obj's command file (kept on the object: it goes with it)."""
+    return getattr(obj, "command_reply", "")
 
 
 # --- argument parsing against the usage line ------------------------------------------
@@ -145,9 +137,9 @@ def execute(obj, ctx, text):
                 obj.vm.check_owner(shell, cmd.name)
             reply = cmd.fn(obj, shell, **args)
         except KvmError as e:
-            _last[id(obj)] = f"error: {errno.errorcode.get(e.errno, e.errno)} {e}\n"
+            obj.command_reply = f"error: {errno.errorcode.get(e.errno, e.errno)} {e}\n"
             raise
-        _last[id(obj)] = reply
+        obj.command_reply = reply
     return reply
 
 
