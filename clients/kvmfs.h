@@ -264,6 +264,39 @@ static inline int kvmfs_create_vcpu(int vm_fd, unsigned long id)
 	return kvmfs__open_at(dir, "vcpu%ld", k);
 }
 
+/* --- kvmfs's own ioctls (not KVM's: real KVM answers ENOTTY) -------------------
+ * For the launchers of `kvmfs run` (kvmfs/abi.py explains each).  KVMFS_ACT_FOR:
+ * this open file's requests act for thread `tid`'s process from now on.
+ * KVMFS_MMU_NOTIFY on the system file: [start, end) of the caller's address space
+ * is about to change (KVMFS_NOTIFY_START) or has changed (KVMFS_NOTIFY_END). */
+#define KVMFS_IOCTL_TYPE 0x6B
+struct kvmfs_act_for {
+	__u32 tid;
+	__u32 flags;
+};
+struct kvmfs_mmu_notify {
+	__u64 start;
+	__u64 end;
+	__u32 phase;
+	__u16 event;
+	__u16 cause;
+};
+#define KVMFS_ACT_FOR _IOW(KVMFS_IOCTL_TYPE, 0x01, struct kvmfs_act_for)
+#define KVMFS_MMU_NOTIFY _IOW(KVMFS_IOCTL_TYPE, 0x02, struct kvmfs_mmu_notify)
+#define KVMFS_NOTIFY_START 0
+#define KVMFS_NOTIFY_END 1
+#define KVMFS_MMU_EVENT_UNMAP 0
+#define KVMFS_MMU_EVENT_CLEAR 1
+#define KVMFS_MMU_EVENT_PROTECTION_VMA 2
+#define KVMFS_CAUSE_MUNMAP 1
+#define KVMFS_CAUSE_MREMAP 2
+#define KVMFS_CAUSE_MMAP_FIXED 3
+#define KVMFS_CAUSE_MPROTECT 4
+#define KVMFS_CAUSE_MADV_DONTNEED 5
+#define KVMFS_CAUSE_MADV_REMOVE 6
+#define KVMFS_CAUSE_MADV_FREE 7
+#define KVMFS_CAUSE_PUNCH_HOLE 8
+
 /* The kvm_run area of a vCPU, `size` = KVM_GET_VCPU_MMAP_SIZE; NULL on failure.
  * Real KVM: mmap of the vCPU fd.  kvmfs: mmap of MNT/vmN/vcpuK.run (shared). */
 static inline struct kvm_run *kvmfs_map_run(int vcpu_fd, size_t size)

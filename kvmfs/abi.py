@@ -22,8 +22,8 @@ IOC_NONE, IOC_WRITE, IOC_READ = 0, 1, 2
 KVMIO = 0xAE
 
 
-def _ioc(direction, nr, size):
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
+def _ioc(direction, nr, size, kind=KVMIO):
+    return (direction << 30) | (size << 16) | (kind << 8) | nr
 
 
 def IO(nr):
@@ -487,6 +487,48 @@ KVM_EXIT_TDX = 40
 
 EXIT_REASONS = {v: k[len("KVM_EXIT_"):] for k, v in list(globals().items())
                 if k.startswith("KVM_EXIT_")}
+
+# --- kvmfs's own ioctls (type 'k'), for the launchers of `kvmfs run` --------------
+# Not KVM's: real KVM answers ENOTTY.  KVMFS_ACT_FOR (any kvmfs file): from now on
+# this open file's requests act for thread `tid`'s process, as if that process had
+# made them (the seccomp supervisor creating VMs and vCPUs for the program it
+# watches).  Allowed to root, and to a same-user ancestor of the thread (one that
+# could ptrace it anyway); EPERM otherwise, ESRCH if the thread is gone.
+# KVMFS_MMU_NOTIFY (system file): an MMU-notifier call for the caller's process:
+# [start, end) of its address space is about to change (phase START) or has
+# changed (phase END); every VM the process owns zaps what maps the range.
+KVMFS_IOCTL_TYPE = 0x6B
+
+
+class kvmfs_act_for(Struct):
+    _fields_ = [("tid", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class kvmfs_mmu_notify(Struct):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("phase", ctypes.c_uint32), ("event", ctypes.c_uint16),
+                ("cause", ctypes.c_uint16)]
+
+
+KVMFS_ACT_FOR = _ioc(IOC_WRITE, 0x01, ctypes.sizeof(kvmfs_act_for), KVMFS_IOCTL_TYPE)
+KVMFS_MMU_NOTIFY = _ioc(IOC_WRITE, 0x02, ctypes.sizeof(kvmfs_mmu_notify), KVMFS_IOCTL_TYPE)
+KVMFS_NOTIFY_START = 0
+KVMFS_NOTIFY_END = 1
+# kvmfs_mmu_notify.event: the numbers of the kernel's enum mmu_notifier_event
+KVMFS_MMU_EVENT_UNMAP = 0            # munmap, mremap, mmap(MAP_FIXED) over the range
+KVMFS_MMU_EVENT_CLEAR = 1            # madvise(DONTNEED/REMOVE/FREE), hole punch
+KVMFS_MMU_EVENT_PROTECTION_VMA = 2   # mprotect
+# kvmfs_mmu_notify.cause: the VMM's call, for the event view
+KVMFS_CAUSE_MUNMAP = 1
+KVMFS_CAUSE_MREMAP = 2
+KVMFS_CAUSE_MMAP_FIXED = 3
+KVMFS_CAUSE_MPROTECT = 4
+KVMFS_CAUSE_MADV_DONTNEED = 5
+KVMFS_CAUSE_MADV_REMOVE = 6
+KVMFS_CAUSE_MADV_FREE = 7
+KVMFS_CAUSE_PUNCH_HOLE = 8
+KVMFS_CAUSES = {v: k[len("KVMFS_CAUSE_"):].lower() for k, v in list(globals().items())
+                if k.startswith("KVMFS_CAUSE_")}
 
 KVM_EXIT_IO_IN = 0                   # kvm_run.io.direction
 KVM_EXIT_IO_OUT = 1

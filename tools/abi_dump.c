@@ -626,6 +626,34 @@ int main(void)
 	O(kvm_enable_cap, "flags", flags);
 	O(kvm_enable_cap, "args", args);
 	O(kvm_enable_cap, "pad", pad);
+#ifdef KVMFS_ACT_FOR
+	/* kvmfs's own ioctls (clients/kvmfs.h) */
+	C(KVMFS_IOCTL_TYPE);
+	C(KVMFS_ACT_FOR);
+	C(KVMFS_MMU_NOTIFY);
+	C(KVMFS_NOTIFY_START);
+	C(KVMFS_NOTIFY_END);
+	C(KVMFS_MMU_EVENT_UNMAP);
+	C(KVMFS_MMU_EVENT_CLEAR);
+	C(KVMFS_MMU_EVENT_PROTECTION_VMA);
+	C(KVMFS_CAUSE_MUNMAP);
+	C(KVMFS_CAUSE_MREMAP);
+	C(KVMFS_CAUSE_MMAP_FIXED);
+	C(KVMFS_CAUSE_MPROTECT);
+	C(KVMFS_CAUSE_MADV_DONTNEED);
+	C(KVMFS_CAUSE_MADV_REMOVE);
+	C(KVMFS_CAUSE_MADV_FREE);
+	C(KVMFS_CAUSE_PUNCH_HOLE);
+	S(kvmfs_act_for);
+	O(kvmfs_act_for, "tid", tid);
+	O(kvmfs_act_for, "flags", flags);
+	S(kvmfs_mmu_notify);
+	O(kvmfs_mmu_notify, "start", start);
+	O(kvmfs_mmu_notify, "end", end);
+	O(kvmfs_mmu_notify, "phase", phase);
+	O(kvmfs_mmu_notify, "event", event);
+	O(kvmfs_mmu_notify, "cause", cause);
+#endif
 #ifdef KVM_CREATE_GUEST_MEMFD
 	S(kvm_create_guest_memfd);
 	O(kvm_create_guest_memfd, "size", size);
