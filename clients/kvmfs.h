@@ -5,7 +5,7 @@
  * and errno values as <linux/kvm.h>.  The one difference is where KVM hands out
  * a new fd (ARCHITECTURE.md section 2): on kvmfs KVM_CREATE_VM returns a VM id N
  * and the VM fd is MNT/vmN/ctl; KVM_CREATE_VCPU returns K and the vCPU fd is
- * MNT/vmN/vcpuK; the kvm_run area is the file MNT/vmN/vcpuK.run.  These helpers
+ * MNT/vmN/vcpuK, whose mmap is the kvm_run area as on KVM.  These helpers
  * hide that difference, so one program runs on both:
  *
  *   int kvm  = kvmfs_open_system(NULL);       // $KVMFS_MNT/kvm, or /dev/kvm
@@ -298,29 +298,12 @@ struct kvmfs_mmu_notify {
 #define KVMFS_CAUSE_PUNCH_HOLE 8
 
 /* The kvm_run area of a vCPU, `size` = KVM_GET_VCPU_MMAP_SIZE; NULL on failure.
- * Real KVM: mmap of the vCPU fd.  kvmfs: mmap of MNT/vmN/vcpuK.run (shared). */
+ * mmap of the vCPU fd, on kvmfs as on KVM (the PIO page and the coalesced-MMIO
+ * ring follow at their page offsets). */
 static inline struct kvm_run *kvmfs_map_run(int vcpu_fd, size_t size)
 {
-	char path[PATH_MAX];
-	void *p;
-	int fd, saved, kvmfs = kvmfs_is_kvmfs_fd(vcpu_fd);
+	void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
 
-	if (kvmfs < 0)
-		return NULL;
-	if (!kvmfs) {
-		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
-		return p == MAP_FAILED ? NULL : (struct kvm_run *)p;
-	}
-	if (kvmfs__fd_path(vcpu_fd, path, sizeof(path) - 4) < 0)
-		return NULL;
-	strcat(path, ".run");
-	fd = open(path, O_RDWR | O_CLOEXEC);
-	if (fd < 0)
-		return NULL;
-	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-	saved = errno;
-	close(fd);
-	errno = saved;
 	return p == MAP_FAILED ? NULL : (struct kvm_run *)p;
 }
 

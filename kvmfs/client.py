@@ -133,10 +133,8 @@ class Vm:
     def create_vcpu(self, vcpu_id):
         r = ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id)
         if self.dir is None:
-            return Vcpu(self, r, r)
-        fd = os.open(os.path.join(self.dir, f"vcpu{r}"), os.O_RDWR | os.O_CLOEXEC)
-        run_fd = os.open(os.path.join(self.dir, f"vcpu{r}.run"), os.O_RDWR | os.O_CLOEXEC)
-        return Vcpu(self, fd, run_fd)
+            return Vcpu(self, r)
+        return Vcpu(self, os.open(os.path.join(self.dir, f"vcpu{r}"), os.O_RDWR | os.O_CLOEXEC))
 
     def set_tss_addr(self, addr):
         return ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
@@ -187,13 +185,12 @@ class Vm:
 
 
 class Vcpu:
-    def __init__(self, vm, fd, run_fd):
+    def __init__(self, vm, fd):
         self.vm = vm
         self.fd = fd
+        # the kvm_run area: mmap of the vCPU fd, on kvmfs as on KVM
         size = vm.kvm.get_vcpu_mmap_size()
-        self.run_map = mmap.mmap(run_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        if run_fd != fd:
-            os.close(run_fd)
+        self.run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.kvm_run = abi.kvm_run.from_buffer(self.run_map)
 
     def close(self):

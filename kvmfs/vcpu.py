@@ -15,8 +15,6 @@ import ctypes
 import errno
 import functools
 import logging
-import mmap
-import os
 import threading
 
 from kvmfs import _native as native, abi, procmem
@@ -29,7 +27,6 @@ _CPUID_SIZE = ctypes.sizeof(abi.kvm_cpuid_entry2)
 _MSRS_HDR = ctypes.sizeof(abi.kvm_msrs)      # the entries follow the header in the caller's memory
 _CPUID_HDR = ctypes.sizeof(abi.kvm_cpuid2)
 # MSR_IA32_APICBASE at reset (x86): the default xAPIC base, enabled, bootstrap processor.
-APIC_BASE_RESET = 0xFEE00000 | 1 << 11 | 1 << 8
 
 
 def serialized(handler):
@@ -44,54 +41,33 @@ def serialized(handler):
 
 class Vcpu:
     """One vCPU.  Attributes: vm, id, lock (KVM's vcpu->mutex), kvm_run (the
-    struct kvm_run over run_map), native (the C vCPU, NULL once freed).
+    struct kvm_run over run_area), native (the C vCPU, NULL once freed).
 
     Lifetime: created by KVM_CREATE_VCPU; its engine is freed only with its VM's
     memory (Vm.free), when no request can be running it any more.
     """
 
-    def __init__(self, vm, vcpu_id):
+    def __init__(self, vm, vcpu_id, run_area):
+        """run_area: a runarea.RunArea, which the vCPU owns from now on."""
         self.vm = vm
         self.id = vcpu_id
         self.lock = threading.Lock()
-        # An unguessable name: the run directory cannot be listed, and only the VM's
-        # owner is told the name (fs.py answers readlink for it alone).
-        self.run_path = os.path.join(vm.system.run_dir,
-                                     f"vm{vm.id}-vcpu{vcpu_id}-{os.urandom(12).hex()}.run")
-        fd = os.open(self.run_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, abi.VCPU_MMAP_SIZE)
-            if vm.owner_uid is not None:
-                os.fchown(fd, vm.owner_uid, -1)
-            self.run_map = mmap.mmap(fd, abi.VCPU_MMAP_SIZE, mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        # Lifetime: run_cdata pins run_map's buffer for as long as the native vCPU lives.
-        self.run_cdata = native.from_buffer(self.run_map)
-        self.kvm_run = native.cast("struct kvm_run *", self.run_cdata)
+        self.run_area = run_area
+        self.kvm_run = native.cast("struct kvm_run *", run_area.cdata)
         self.native = native.NULL
         try:
-            # The VMM may truncate the file under the daemon: a SIGBUS then replaces
-            # the area with private pages (runarea.c) instead of killing the daemon.
-            native.runarea_add(self.run_cdata, abi.VCPU_MMAP_SIZE)
             self.native = native.vcpu_new(vm.mmu, vcpu_id, self.kvm_run)
         except KvmError:
             self.free()
             raise
-        self.kvm_run.apic_base = APIC_BASE_RESET
 
     def free(self):
         """Free the engine and the kvm_run area (only from Vm.free: nothing runs it)."""
         if self.native != native.NULL:
             native.vcpu_free(self.native)
             self.native = native.NULL
-        try:
-            os.unlink(self.run_path)
-        except OSError:
-            pass
-        native.runarea_remove(self.run_cdata)
-        del self.kvm_run, self.run_cdata
-        self.run_map.close()
+        del self.kvm_run
+        self.run_area.close()
 
     def kick(self):
         """Make a running KVM_RUN return (KVM_EXIT_INTR) before its next instruction."""
@@ -120,7 +96,7 @@ class Vcpu:
                 # FUSE delivered the caller's signal before the engine ran: libfuse took
                 # the INTERRUPT while dispatching and sends no signal for it.  KVM ends
                 # KVM_RUN on any pending signal, so this one must too.
-                self.kvm_run.exit_reason = abi.KVM_EXIT_INTR
+                native.vcpu_set_exit_reason(v, abi.KVM_EXIT_INTR)
                 raise KvmError(errno.EINTR, "KVM_RUN", "interrupted", warn=False)
             rc = native.vcpu_run(v)
             if rc == native.RUN_VM_DEAD:
@@ -134,7 +110,7 @@ class Vcpu:
                 self.vm.hostmem.resolve(native.vcpu_miss_hva(v),
                                         f"KVM_RUN vm{self.vm.id}/vcpu{self.id}")
             except KvmError:
-                self.kvm_run.exit_reason = abi.KVM_EXIT_UNKNOWN
+                native.vcpu_set_exit_reason(v, abi.KVM_EXIT_UNKNOWN)
                 raise
 
     def _state(self, what, ctype, op, data):

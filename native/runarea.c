@@ -1,10 +1,12 @@
 /*
  * runarea.c - kvm_run areas a VMM can truncate under the daemon.
  *
- * A vCPU's kvm_run area is a tmpfs file both the VMM and the daemon map
- * MAP_SHARED (fs.py's vcpuK.run).  The VMM may open it read-write, so it can
- * also truncate it; the daemon's next access to the mapping would then die of
- * SIGBUS, and with it every VM of the mount.  The guard: every area is
+ * A vCPU's kvm_run area is memory both the VMM and the daemon map MAP_SHARED:
+ * the page cache of the mount's own vmN/vcpuK file (kvmfs_runarea_map: the
+ * daemon maps its own file, so the VMM's mmap of its vCPU fd shares the same
+ * pages, as with KVM), or a tmpfs file for VMs without a mount.  A VMM that can
+ * open the tmpfs file read-write can also truncate it; the daemon's next access
+ * to the mapping would then die of SIGBUS, and with it every VM of the mount.  The guard: every area is
  * registered here, and a SIGBUS inside one replaces that area in the daemon
  * with private zero pages (the VMM that truncated its own run area loses it,
  * nobody else loses anything) and the access is retried.  A SIGBUS elsewhere
@@ -15,7 +17,10 @@
  * are claimed and released with atomics, and the handler only reads them.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -93,4 +98,64 @@ KVMFS_API int kvmfs_runarea_install_guard(void)
 	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
 	sigemptyset(&sa.sa_mask);
 	return sigaction(SIGBUS, &sa, &previous) ? -errno : 0;
+}
+
+/*
+ * Map `size` bytes of the file at `path` shared, zeroed, populated and locked.
+ * For the mount's own vCPU files: their page cache is the kvm_run area, so it
+ * must never be evicted (a re-read would come back from the daemon as zeros):
+ * mlock keeps it resident.  Called with the GIL released (cffi), because each
+ * step is a FUSE request another daemon thread answers.
+ *
+ * The rule for the daemon's own FUSE mappings: never wait for a FUSE answer
+ * while holding this process's mmap lock (a fault on the file, an munmap), as
+ * the thread that would answer may need the lock too (a new worker's stack, an
+ * allocator arena).  So the pages are put in the cache by a write of whole
+ * pages first, which FUSE does without reading, and the mapping finds them
+ * there; kvmfs_runarea_unmap writes them back before unmapping.  (A store into
+ * a page the kernel is writing back waits for that answer under the fault's
+ * per-VMA lock only, which no other mapping change needs; daemon stores into
+ * kvm_run are made from C, without the GIL, for the same reason.)
+ */
+KVMFS_API int kvmfs_runarea_map(const char *path, uint64_t size, void **out)
+{
+	int fd = open(path, O_RDWR | O_CLOEXEC), err;
+	void *p, *zeros;
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	zeros = calloc(1, size);
+	n = zeros ? pwrite(fd, zeros, size, 0) : -1;
+	err = n < 0 ? (zeros ? -errno : -ENOMEM) : (uint64_t)n != size ? -EIO : 0;
+	free(zeros);
+	if (err) {
+		close(fd);
+		return err;
+	}
+	p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+	err = p == MAP_FAILED ? -errno : 0;
+	close(fd);
+	if (err)
+		return err;
+	if (mlock(p, size)) {
+		err = -errno;
+		munmap(p, size);
+		return err;
+	}
+	*out = p;
+	return 0;
+}
+
+/*
+ * munmap of a FUSE file's dirty pages writes them back and waits for the
+ * daemon's answer with the mmap lock held (fuse_vma_close), which a daemon
+ * thread serving that answer may need: so write them back first with msync,
+ * which waits without the lock.  Nothing dirties them in between: the vCPU is
+ * gone, and no VMM maps the area any more (its mapping would hold the VM).
+ */
+KVMFS_API void kvmfs_runarea_unmap(void *p, uint64_t size)
+{
+	msync(p, size, MS_SYNC);
+	munmap(p, size);
 }

@@ -168,6 +168,14 @@ KVMFS_API void kvmfs_vcpu_free(kvmfs_vcpu *v)
 
 KVMFS_API uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v) { return v->miss_hva; }
 
+/* The daemon stores into kvm_run only from C, with the GIL released: the area is
+ * a FUSE file's page cache (runarea.c), and a store after the kernel's writeback
+ * waits for the daemon to answer that writeback. */
+KVMFS_API void kvmfs_vcpu_set_exit_reason(kvmfs_vcpu *v, uint32_t reason)
+{
+	v->run->exit_reason = reason;
+}
+
 KVMFS_API void kvmfs_vcpu_kick(kvmfs_vcpu *v)
 {
 	request(v, ATTN_KICK);

@@ -97,7 +97,7 @@ def test_vcpus_and_lifetime(system):
     assert errno_of(call, vm, type(vm).create_vcpu, abi.KVM_MAX_VCPU_ID) == errno.EINVAL
     ident = abi.u64_arg(0xFEFFC000)
     assert errno_of(call, vm, type(vm).set_identity_map_addr, struct=ident) == errno.EINVAL
-    run_path = vm.vcpus[7].run_path
+    run_path = vm.vcpus[7].run_area.path
     assert os.stat(run_path).st_size == abi.VCPU_MMAP_SIZE
     vm.get_ref()
     vm.put_ref()                                   # the last file closed: the VM is freed
