@@ -14,6 +14,7 @@ Names that are not calls (struct types, KVMFS_* constants) are read through
 `ffi`/`lib` of this module.
 """
 import errno
+import os
 
 from kvmfs._kvmfs_native import ffi, lib
 from kvmfs.errors import KvmError
@@ -104,25 +105,40 @@ def memslot_count(mmu, as_id):
     return lib.kvmfs_memslot_count(mmu, as_id)
 
 
-def hostmem_add(mmu, hva, size, ptr, op):
+def hostmem_add(mmu, hva, size, ptr, op, seq):
     """Register daemon memory ptr as the VMM's [hva, hva+size); ptr must stay mapped
-    until hostmem_remove returns it (or the MMU is freed)."""
-    return ensure(lib.kvmfs_hostmem_add(mmu, hva, size, ptr), op,
+    until hostmem_remove returns it (or the MMU is freed).  seq: invalidate_seq()
+    read before the VMM's memory was looked up; KvmError(EAGAIN) when an
+    invalidation since (or in progress over the range) may have made it stale."""
+    return ensure(lib.kvmfs_hostmem_add(mmu, hva, size, ptr, seq), op,
                   f"host memory 0x{hva:x}+0x{size:x}", warn=False)
 
 
 def hostmem_remove(mmu, hva, size, op="invalidate"):
     """Zap and forget the ranges overlapping [hva, hva+size); returns their daemon
-    addresses and sizes (the caller unmaps them)."""
+    addresses and sizes (the caller unmaps them) and how many sptes were zapped."""
     ptrs = ffi.new("void *[]", 64)
     sizes = ffi.new("uint64_t[]", 64)
+    zapped = ffi.new("uint64_t *")
     out = []
     while True:
-        n = ensure(lib.kvmfs_hostmem_remove(mmu, hva, size, ptrs, sizes, 64), op,
+        n = ensure(lib.kvmfs_hostmem_remove(mmu, hva, size, zapped, ptrs, sizes, 64), op,
                    f"0x{hva:x}+0x{size:x}")
         out += [(addr(ptrs[i]), sizes[i]) for i in range(n)]
         if n < 64:
-            return out
+            return out, zapped[0]
+
+
+def invalidate_begin(mmu, start, end):
+    lib.kvmfs_mmu_invalidate_begin(mmu, start, end)
+
+
+def invalidate_end(mmu):
+    lib.kvmfs_mmu_invalidate_end(mmu)
+
+
+def invalidate_seq(mmu):
+    return lib.kvmfs_mmu_invalidate_seq(mmu)
 
 
 def mmu_access_gpa(mmu, as_id, gpa, buf, length, write):
@@ -187,7 +203,25 @@ def runarea_install_guard():
     return ensure(lib.kvmfs_runarea_install_guard(), "install the SIGBUS guard")
 
 
+def runarea_map(path, size):
+    """(cdata, buffer) of `size` bytes of the file at path, mapped shared, zeroed and
+    locked (runarea_unmap frees it); the GIL is released while the FUSE requests run."""
+    out = ffi.new("void **")
+    ensure(lib.kvmfs_runarea_map(os.fsencode(path), size, out), "map the kvm_run area", path)
+    p = ffi.cast("char *", out[0])
+    return p, ffi.buffer(p, size)
+
+
+def runarea_unmap(cdata, size):
+    lib.kvmfs_runarea_unmap(cdata, size)
+
+
 # --- vcpu.c: one engine per vCPU ---------------------------------------------------------
+def vcpu_set_exit_reason(v, reason):
+    """kvm_run.exit_reason = reason, stored from C (runarea.c: never with the GIL held)."""
+    lib.kvmfs_vcpu_set_exit_reason(v, reason)
+
+
 def vcpu_new(mmu, vcpu_id, run):
     """A native vCPU over the kvm_run area `run`, which must stay mapped until vcpu_free."""
     v = lib.kvmfs_vcpu_new(mmu, vcpu_id, run)

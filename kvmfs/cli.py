@@ -1,8 +1,9 @@
-"""kvmfs's command line: mount, umount, stat.
+"""kvmfs's command line: mount, umount, stat (and run, in run.py).
 
     kvmfs mount DIR [--foreground] [--log FILE] [--debug] [--mode OCTAL] [--group NAME]
     kvmfs umount DIR [--lazy]
     kvmfs stat DIR [--json]
+    kvmfs run [--mount DIR] [--mechanism M] [--dev PATH]... [--] PROGRAM [ARGS...]
     kvmfs --version
 
 Owns the daemon's life outside fs.py: the checks before mounting, the fork, the
@@ -255,7 +256,7 @@ def serve(mnt, log_path, debug, report=None, log_name=None, mode=None, gid=None)
         kwargs = _fs_kwargs(fs.KvmFs, mode, gid)
         options = ("intr", "allow_other") if _needs_allow_other(mode, gid) else ("intr",)
         before = os.stat(mnt).st_dev
-        server = _mount_server(fs, fs.KvmFs(system.System(run_dir), **kwargs), mnt, options)
+        server = _mount_server(fs, fs.KvmFs(system.System(run_dir, mnt), **kwargs), mnt, options)
 
         def answer():
             """Stat the mount through the kernel, as a client would, then tell the parent."""
@@ -577,5 +578,7 @@ def main(argv=None):
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stat)
+    from kvmfs import run
+    run.add_parser(sub)
     args = p.parse_args(argv)
     return args.fn(args)

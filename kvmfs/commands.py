@@ -253,8 +253,9 @@ def vm_set_tss_addr(vm, ctx, addr):
 
 def vm_invalidate(vm, ctx, hva, size):
     """An MMU-notifier call: the VMM unmapped or replaced this range."""
-    vm.hostmem.invalidate(hva, size)
-    vm.counters["notifier_invalidations"] = vm.counters.get("notifier_invalidations", 0) + 1
+    start, end = hva & ~(abi.PAGE_SIZE - 1), (hva + size + abi.PAGE_SIZE - 1) & ~(abi.PAGE_SIZE - 1)
+    vm.mmu_invalidate_begin(start, end, abi.KVMFS_MMU_EVENT_UNMAP)
+    vm.mmu_invalidate_end()
     return "ok\n"
 
 
@@ -356,7 +357,7 @@ def exit_text(vcpu, ctx):
         out.append("smm: 1")
     if reason == abi.KVM_EXIT_IO:
         io = run.io
-        data = bytes(vcpu.run_map[io.data_offset:io.data_offset + io.size * io.count])
+        data = bytes(vcpu.run_area.buffer[io.data_offset:io.data_offset + io.size * io.count])
         out += [f"direction: {'out' if io.direction else 'in'}", f"size: {io.size}",
                 f"port: 0x{io.port:x}", f"count: {io.count}", f"data: {data.hex()}"]
     elif reason == abi.KVM_EXIT_MMIO:

@@ -9,8 +9,10 @@ The tree (one directory per object; the ioctl endpoint of each has one name):
     kvm                  system ioctls (the /dev/kvm analogue)
     cmd                  system commands as text, one a line
     vmN/ctl              VM ioctls          vmN/cmd   the same as text
-    vmN/vcpuK            vCPU ioctls        vmN/vcpuK.cmd
-    vmN/vcpuK.run        the kvm_run area (a link to a shared tmpfs file)
+    vmN/vcpuK            vCPU ioctls; mmap it for the kvm_run area (runarea.py)
+    vmN/vcpuK.cmd        the same as text
+    vmN/vcpuK.run        a link to the kvm_run area: to vcpuK, or for a shell VM to
+                         a tmpfs file
     vmN/mem, vmN/as1/mem guest-physical memory, offset = gpa
     vmN/info/...         read-only text views
 
@@ -32,7 +34,7 @@ import traceback
 
 import fuse as fusepy
 
-from kvmfs import abi, commands, ioctls, procmem, views
+from kvmfs import abi, commands, ioctls, launchers, procmem, views
 from kvmfs.caller import Caller
 from kvmfs.errors import KvmError
 
@@ -93,9 +95,11 @@ class Node:
 class Handle:
     """An open file.  It holds its VM (Vm.hold) until released, so nothing it can
     reach is freed under a request; a VM or vCPU file also counts as a KVM fd."""
-    __slots__ = ("node", "obj", "kind", "vm", "reply", "cursor", "view")
+    __slots__ = ("node", "obj", "kind", "vm", "reply", "cursor", "view", "internal",
+                 "acting_for", "invalidations")
 
-    def __init__(self, node, obj):
+    def __init__(self, node, obj, internal=False):
+        self.internal = internal   # the daemon's own mapping of a kvm_run area: holds nothing
         self.node = node
         self.obj = obj
         self.kind = FD_KIND.get(node.kind)
@@ -104,6 +108,8 @@ class Handle:
         self.cursor = 0          # how much of it was read: answers ignore the file offset,
                                  # which the command written before them has moved
         self.view = None         # a view's reader (views.Fixed or views.Streamed)
+        self.acting_for = None   # KVMFS_ACT_FOR: the Caller its requests act for
+        self.invalidations = None    # KVMFS_MMU_NOTIFY STARTs not ended yet
 
 
 def _parse_id(name, prefix):
@@ -172,6 +178,8 @@ class KvmFs:
                     vcpu = vm.vcpus.get(k) if k is not None else None
                     if vcpu is not None:
                         return Node(kind, vm, vcpu)
+                    if kind == VCPU and k in vm.creating:    # its kvm_run area being mapped
+                        return Node(kind, vm)
             return None
         if len(parts) == 3 and name == "as1" and parts[2] == "mem":
             return Node(MEM, vm, as_id=1)
@@ -222,7 +230,9 @@ class KvmFs:
         if node.kind == DIR:
             st["st_nlink"] = 2
         elif node.kind == RUNLINK:
-            st["st_size"] = len(node.vcpu.run_path)
+            st["st_size"] = len(node.vcpu.run_area.link)
+        elif node.kind == VCPU:
+            st["st_size"] = abi.VCPU_MMAP_SIZE      # mmap beyond it: SIGBUS, as KVM
         return st
 
     def _check_owner(self, node, op):
@@ -236,7 +246,7 @@ class KvmFs:
             self._check_owner(node, "readlink")
         except KvmError as e:
             raise KvmError(errno.EACCES, "readlink", f"{path}: {e.detail}")
-        return node.vcpu.run_path
+        return node.vcpu.run_area.link
 
     def open(self, path, flags):
         node = self.resolve(path)
@@ -251,6 +261,10 @@ class KvmFs:
                 self._check_owner(node, "open")
             except KvmError as e:
                 raise KvmError(errno.EACCES, "open", f"{path}: {e.detail}")
+        if node.kind == VCPU and caller().pid in self.system.internal_tids:
+            return self._new_handle(Handle(node, None, internal=True))
+        if node.kind == VCPU and node.vcpu is None:
+            raise KvmError(errno.ENOENT, "open", path, warn=False)
         obj = {SYSTEM: self.system, SYSCMD: self.system, VMCTL: node.vm, VMCMD: node.vm,
                VCPU: node.vcpu, VCPUCMD: node.vcpu}.get(node.kind)
         h = Handle(node, obj)
@@ -286,8 +300,10 @@ class KvmFs:
     def release(self, fh):
         with self.fh_lock:
             h = self.handles.pop(fh, None)
-        if h is None:
+        if h is None or h.internal:
             return
+        if h.invalidations is not None:
+            h.invalidations.release()
         if h.node.kind in REF_KINDS:
             h.vm.put_ref()
         if h.vm is not None:
@@ -312,6 +328,8 @@ class KvmFs:
             return h.vm.access_gpa(h.node.as_id, offset, size)
         if kind == VIEW:
             return h.view.read(offset, size)
+        if kind == VCPU:        # the page cache's first fill: runarea.c zeroes it anyway
+            return bytes(max(0, min(size, abi.VCPU_MMAP_SIZE - offset)))
         if kind in CMD_KINDS:
             if h.reply is None:
                 h.reply = commands.last_reply(h.obj)
@@ -326,6 +344,8 @@ class KvmFs:
         if kind == MEM:
             self._check_owner(h.node, "write guest memory")
             return h.vm.access_gpa(h.node.as_id, offset, len(data), data)
+        if kind == VCPU:        # writeback of the kvm_run pages: they are the area already
+            return len(data)
         if kind in CMD_KINDS:
             h.reply, h.cursor = None, 0
             h.reply = commands.execute(h.obj, caller(), data.decode(errors="replace"))
@@ -339,6 +359,16 @@ class KvmFs:
         if node.kind not in CMD_KINDS + (MEM,):
             raise KvmError(errno.EINVAL, "truncate", path, warn=False)
 
+    def ftruncate(self, fh):
+        h = self.handles[fh]
+        if h.node.kind not in CMD_KINDS + (MEM,):
+            raise KvmError(errno.EINVAL, "ftruncate", "not a file that can be truncated", warn=False)
+
+    def is_page_cached(self, fh):
+        """vCPU files keep their page cache (it is the kvm_run area): every open of one
+        must say so, or the kernel would drop the pages the daemon has mapped."""
+        return self.handles[fh].node.kind == VCPU
+
     def ioctl(self, fh, cmd, arg, data):
         """One ioctl on an open file: owner check, then the handler of the table's row.
 
@@ -348,10 +378,18 @@ class KvmFs:
         ioctl_cb, which restores the caller's bytes then).
         """
         h = self.handles[fh]
-        ctx = caller()
-        if h.kind is None:
+        ctx = h.acting_for or caller()
+        if h.kind is None or h.internal:
             raise KvmError(errno.ENOTTY, "ioctl", f"{ioctls.name_of(cmd)} on a file that takes none",
                            warn=False)
+        if cmd == abi.KVMFS_ACT_FOR:
+            h.acting_for = launchers.act_for(caller(), data)
+            return 0
+        if cmd == abi.KVMFS_MMU_NOTIFY and h.kind == ioctls.SYSTEM:
+            with self.fh_lock:
+                if h.invalidations is None:
+                    h.invalidations = launchers.Invalidations()
+            return h.invalidations.notify(self.system, ctx, data)
         if h.kind != ioctls.SYSTEM:
             h.vm.check_owner(ctx)
         row = ioctls.BY_FD[h.kind].get(cmd)
@@ -442,7 +480,10 @@ def build_operations(fs):
     def open_cb(path, fip):
         fi = fip.contents
         fi.fh = fs.open(path.decode(), fi.flags)
-        fi.direct_io = 1          # views and memory change under the reader: no page cache
+        if fs.is_page_cached(fi.fh):
+            fi.keep_cache = 1
+        else:
+            fi.direct_io = 1      # views and memory change under the reader: no page cache
         return 0
 
     @guarded("release")
@@ -467,6 +508,7 @@ def build_operations(fs):
 
     @guarded("ftruncate")
     def ftruncate_cb(path, length, fip):
+        fs.ftruncate(fip.contents.fh)
         return 0
 
     @guarded("opendir")

@@ -36,6 +36,7 @@ import logging
 import mmap
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from kvmfs import _native as native, procmem
@@ -54,6 +55,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.munmap.restype = ctypes.c_int
 _MAP_FAILED = ctypes.c_void_p(-1).value
+RETRY_PAUSE = 0.0002      # between lookups racing an MMU-notifier invalidation
 
 
 def _mmap_shared(fd, size, offset):
@@ -191,13 +193,18 @@ class HostMemory:
         Raises KvmError(EFAULT) with a log line saying why and how to fix it.
         """
         with self.lock:
-            self._resolve(hva, what)
+            done = self._resolve(hva, what)
+        if not done:
+            time.sleep(RETRY_PAUSE)     # the VMM is changing this range: let it finish
 
     def _resolve(self, hva, what):
+        """True once hva is registered; False when an MMU-notifier invalidation made
+        what was looked up stale (the caller retries, as KVM's fault path does)."""
+        seq = native.invalidate_seq(self.mmu)      # before the maps are read
         if self._closed:
             raise KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x}: the VM is gone", warn=False)
         if any(s <= hva < s + sz for s, (_, sz) in self.maps.items()):
-            return                      # another vCPU resolved it since this one missed
+            return True                 # another vCPU resolved it since this one missed
         vma, mm_there = self._find(hva)
         if not mm_there:
             raise self._gone(what, hva)
@@ -215,9 +222,11 @@ class HostMemory:
         # SAFETY: C keeps this daemon address until hostmem_remove hands it back
         # (invalidate) or the MMU is freed; it is unmapped only after either.
         try:
-            native.hostmem_add(self.mmu, vma.start, size, native.cast("void *", addr), what)
+            native.hostmem_add(self.mmu, vma.start, size, native.cast("void *", addr), what, seq)
         except KvmError as e:
             _munmap(addr, size)
+            if e.errno == errno.EAGAIN:
+                return False
             # EEXIST: part of the VMA was registered while it was smaller or
             # elsewhere, and the VMM did not report the change (invalidate).
             raise KvmError(errno.EFAULT if e.errno == errno.EEXIST else e.errno, what,
@@ -225,6 +234,7 @@ class HostMemory:
                            f"{os.strerror(e.errno)}") from None
         self.maps[vma.start] = (addr, size)
         log.debug("pid %d: mapped %s 0x%x-0x%x", self.pid, vma.path, vma.start, vma.end)
+        return True
 
     def _map(self, vma, what):
         try:
@@ -261,7 +271,8 @@ class HostMemory:
             os.close(fd)
         # SAFETY: as in _resolve, the mapping outlives its registration.
         try:
-            native.hostmem_add(self.mmu, addr, size, native.cast("void *", addr), "allocate guest memory")
+            native.hostmem_add(self.mmu, addr, size, native.cast("void *", addr), "allocate guest memory",
+                               native.invalidate_seq(self.mmu))
         except KvmError:
             _munmap(addr, size)
             raise
@@ -275,12 +286,27 @@ class HostMemory:
 
     # --- letting go --------------------------------------------------------------------------
     def invalidate(self, hva, size):
-        """MMU-notifier invalidation: zap and unmap what lies in [hva, hva+size)."""
+        """A whole MMU-notifier invalidation of [hva, hva+size) (begin, then end);
+        returns how many sptes were zapped."""
+        zapped = self.invalidate_begin(hva, hva + size)
+        self.invalidate_end()
+        return zapped
+
+    def invalidate_begin(self, start, end):
+        """invalidate_range_start: from now until invalidate_end no fault installs a
+        mapping of [start, end); what maps it now is zapped (every vCPU's TLB
+        flushed) and unmapped.  Returns how many sptes were zapped."""
+        native.invalidate_begin(self.mmu, start, end)
         with self.lock:
-            native.hostmem_remove(self.mmu, hva, size)         # zapped, every TLB flushed
-            for start in [s for s, (_, sz) in self.maps.items() if s < hva + size and hva < s + sz]:
-                _munmap(*self.maps.pop(start))
-                self.allocated.discard(start)
+            _, zapped = native.hostmem_remove(self.mmu, start, end - start)
+            for s in [s for s, (_, sz) in self.maps.items() if s < end and start < s + sz]:
+                _munmap(*self.maps.pop(s))
+                self.allocated.discard(s)
+        return zapped
+
+    def invalidate_end(self):
+        """invalidate_range_end: faults that looked the range up before now retry."""
+        native.invalidate_end(self.mmu)
 
     def close(self):
         """Unmap everything and let go of the creator (after the MMU is freed or

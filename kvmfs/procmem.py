@@ -267,13 +267,15 @@ class Process:
     """
     _serials = itertools.count(1)
 
-    def __init__(self, tgid, uid, pidfd, dirfd):
+    def __init__(self, tgid, uid, pidfd, dirfd, memfd=None):
         self.tgid = tgid
         self.uid = uid
         self.serial = next(Process._serials)
         self._pidfd = pidfd
         self._dir = dirfd
+        self._mem = memfd          # /proc/<tgid>/mem: bound to the address space it was opened on
         self._gone = False
+        self._execed = False
 
     @classmethod
     def of_pid(cls, tgid, op="pin process"):
@@ -299,7 +301,11 @@ class Process:
             raise KvmError(errno.ESRCH, op, f"pid {tgid}: {e.strerror}", warn=False) from None
         if pidfd.exited() or not uids:   # /proc/<tgid> may already have been someone else's
             raise KvmError(errno.ESRCH, op, f"pid {tgid} has exited", warn=False)
-        return cls(tgid, uids[1], pidfd, dirfd)
+        try:
+            memfd = _Fd(os.open("mem", os.O_RDONLY | os.O_CLOEXEC, dir_fd=dirfd.fd))
+        except OSError:
+            memfd = None               # not ours to read: exec goes unnoticed (owns())
+        return cls(tgid, uids[1], pidfd, dirfd, memfd)
 
     @classmethod
     def of_caller(cls, tid, op="pin caller"):
@@ -339,13 +345,27 @@ class Process:
             if c is None:
                 return False
         if c.owner == self.serial:
-            return True
+            return not self.execed()
         # The thread was alive (polled above) with tgid; this process is alive
         # after that, so tgid was its number meanwhile: the thread is one of its.
-        if c.tgid != self.tgid or not self.alive():
+        if c.tgid != self.tgid or not self.alive() or self.execed():
             return False
         c.owner = self.serial
         return True
+
+    def execed(self):
+        """Whether the process has left the address space it was pinned in (exec),
+        as KVM's kvm->mm != current->mm: a read of the pinned mem file finds no
+        address space any more (0 bytes) where a live one answers EIO at address 0."""
+        mem = self._mem
+        if self._execed or mem is None:
+            return self._execed
+        try:
+            gone = os.pread(mem.fd, 1, 0) == b""
+        except OSError:
+            return False
+        self._execed = gone and self.alive()
+        return self._execed
 
     def open_fd(self, name, flags=os.O_RDONLY):
         """os.open() of a file under this process's /proc directory (e.g. "map_files/A-B").
@@ -369,6 +389,7 @@ class Process:
         """Let go of the pidfd and the directory fd (closed once no thread uses them)."""
         self._pidfd = None
         self._dir = None
+        self._mem = None
 
     def __enter__(self):
         return self

@@ -3,6 +3,7 @@
 Owns: VM ids and the table of LIVE Vm objects (vm.py has the lifetime and the
 daemon's lock order).
 """
+import contextlib
 import errno
 import itertools
 import logging
@@ -20,12 +21,27 @@ SHELL_VMS_PER_USER = 64
 class System:
     """All VMs of one mount."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, mountpoint=None):
         self.lock = threading.Lock()
         self.vms = {}
         self.run_dir = run_dir          # tmpfs directory for kvm_run areas
+        self.mountpoint = mountpoint    # where fs.py serves this System (None: no mount)
+        self.internal_tids = set()      # daemon threads making requests of their own mount
         self._ids = itertools.count()
         self.runareas_replaced = 0
+
+    @contextlib.contextmanager
+    def internal_request(self):
+        """While this is entered, the daemon thread's own requests to the mount (fs.py
+        sees them by thread id) are the daemon's: they hold no VM and need no owner."""
+        tid = threading.get_native_id()
+        with self.lock:
+            self.internal_tids.add(tid)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.internal_tids.discard(tid)
 
     # --- ioctls -------------------------------------------------------------------
     def get_api_version(self, ctx, arg, data):
@@ -89,6 +105,11 @@ class System:
         if vm is None or vm.dead:
             raise KvmError(errno.ENOENT, "lookup", f"no vm{vm_id}", warn=False)
         return vm
+
+    def vms_owned_by(self, ctx):
+        """The live VMs the caller's process owns (not shell VMs)."""
+        return [vm for _, vm in self.live_vms()
+                if not vm.shell_owned and not vm.dead and vm.owner.owns(ctx.pid)]
 
     def live_vms(self):
         """A snapshot of the table, sorted by id (views hold each VM while reading it)."""

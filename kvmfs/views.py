@@ -16,7 +16,7 @@ from kvmfs import _native as native, abi
 from kvmfs.errors import KvmError
 
 SYSTEM_VIEWS = ("vms", "caps", "json")
-VM_VIEWS = ("memslots", "vcpus", "stats", "mmu")
+VM_VIEWS = ("memslots", "vcpus", "stats", "mmu", "notifier")
 VM_DIRS = ("dirty",)
 
 FLAG_NAMES = ((abi.KVM_MEM_LOG_DIRTY_PAGES, "log_dirty"), (abi.KVM_MEM_READONLY, "readonly"),
@@ -109,6 +109,7 @@ def render(system, vm, view, who):
     if view.startswith("vcpu") and view != "vcpus":
         return render_vcpu(vm.vcpus[int(view[4:])])
     return {"memslots": render_memslots, "vcpus": render_vcpus, "stats": render_stats,
+            "notifier": lambda vm: vm.notifier.render(),
             "dirty": lambda vm: "\n".join(dirty_names(vm)) + "\n"}[view](vm)
 
 

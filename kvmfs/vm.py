@@ -29,11 +29,13 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import threading
 
 from kvmfs import _native as native, abi, memslots, procmem
 from kvmfs.errors import KvmError, check
 from kvmfs.hostmem import HostMemory
+from kvmfs.launchers import NotifierLog
 
 log = logging.getLogger("kvmfs.vm")
 
@@ -54,6 +56,7 @@ class Vm:
         self.mmu = native.mmu_new()
         self.hostmem = HostMemory(self.mmu, owner)
         self.vcpus = {}
+        self.creating = set()         # vCPU ids whose kvm_run area is being mapped
         self.holds = 1                # the System table's, until the VM is DEAD
         self.files = 0
         self.opened = False
@@ -63,7 +66,9 @@ class Vm:
         self.tss_addr = None
         self.identity_map_addr = IDENTITY_MAP_ADDR_DEFAULT
         self.manual_protect = 0
-        self.counters = {"memslot_changes": 0, "dirty_log_gets": 0, "dirty_log_clears": 0}
+        self.counters = {"memslot_changes": 0, "dirty_log_gets": 0, "dirty_log_clears": 0,
+                         "notifier_invalidations": 0, "notifier_sptes_zapped": 0}
+        self.notifier = NotifierLog()
 
     # --- lifetime -------------------------------------------------------------------
     def hold(self):
@@ -158,6 +163,18 @@ class Vm:
         for v in vcpus:                # the others leave KVM_RUN (EINTR), then EIO
             v.kick()
 
+    # --- MMU notifiers (launchers.py, commands.py) -------------------------------------
+    def mmu_invalidate_begin(self, start, end, event, cause=0):
+        """invalidate_range_start over the owner's [start, end): hostmem.py zaps it."""
+        zapped = self.hostmem.invalidate_begin(start, end)
+        self.notifier.add(start, end, event, cause, zapped)
+        self.counters["notifier_invalidations"] += 1
+        self.counters["notifier_sptes_zapped"] += zapped
+        return zapped
+
+    def mmu_invalidate_end(self):
+        self.hostmem.invalidate_end()
+
     # --- VM ioctls --------------------------------------------------------------------
     def check_extension(self, ctx, arg, data):
         """KVM_CHECK_EXTENSION (vm): as on the system fd, for this VM's type."""
@@ -167,16 +184,37 @@ class Vm:
         """KVM_CREATE_VCPU (vm): id -> K (open MNT/vmN/vcpuK).
 
         EINVAL: id >= KVM_CAP_MAX_VCPU_ID or too many vCPUs; EEXIST: id in use.
+        The id is reserved (`creating`) while the kvm_run area is mapped, which
+        takes FUSE requests of its own, so no lock is held then.
         """
         from kvmfs.vcpu import Vcpu
         op = "KVM_CREATE_VCPU"
         check(arg < abi.KVM_MAX_VCPU_ID, errno.EINVAL, op, f"id {arg} >= {abi.KVM_MAX_VCPU_ID}")
         with self.lock:
-            check(len(self.vcpus) < abi.KVM_MAX_VCPUS, errno.EINVAL, op, "too many vCPUs")
-            check(arg not in self.vcpus, errno.EEXIST, op, f"vcpu{arg} exists")
+            check(len(self.vcpus) + len(self.creating) < abi.KVM_MAX_VCPUS, errno.EINVAL, op,
+                  "too many vCPUs")
+            check(arg not in self.vcpus and arg not in self.creating, errno.EEXIST, op,
+                  f"vcpu{arg} exists")
             check(not self.dead, errno.EIO, op, "the VM is dead")
-            self.vcpus[arg] = Vcpu(self, arg)
+            self.creating.add(arg)
+        try:
+            vcpu = Vcpu(self, arg, self._new_run_area(arg))
+            with self.lock:
+                self.vcpus[arg] = vcpu
+        finally:
+            with self.lock:
+                self.creating.discard(arg)
         return arg
+
+    def _new_run_area(self, k):
+        """The kvm_run area of vCPU k: the page cache of the mount's own vcpuK file for a
+        process's VM, a tmpfs file for a shell VM or without a mount (runarea.py)."""
+        from kvmfs.runarea import RunArea
+        mnt = self.system.mountpoint
+        if mnt is None or self.shell_owned:
+            return RunArea.tmpfs(self.system.run_dir, f"vm{self.id}-vcpu{k}", self.owner_uid)
+        with self.system.internal_request():
+            return RunArea.of_mount(os.path.join(mnt, f"vm{self.id}", f"vcpu{k}"))
 
     def set_user_memory_region(self, ctx, arg, data):
         """KVM_SET_USER_MEMORY_REGION (vm): create, delete, move or change flags of a slot.

@@ -58,7 +58,7 @@ int hostmem_find(kvmfs_mmu *mmu, uint64_t hva)
 	return hva - mmu->hm[lo].hva < mmu->hm[lo].size ? lo : -1;
 }
 
-int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr)
+int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint64_t seq)
 {
 	struct kvmfs_hostmem *h;
 	uint64_t span;
@@ -67,6 +67,13 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr)
 	if (!size || !ptr || (hva | size | (uintptr_t)ptr) & (PAGE_SIZE - 1) || hva + size < hva)
 		return -EINVAL;
 	pthread_mutex_lock(&mmu->lock);
+	/* mmu_invalidate_retry_gfn(): what the caller looked up may be stale */
+	if (seq != mmu->inv_seq ||
+	    (mmu->inv_in_progress && hva < mmu->inv_end && mmu->inv_start < hva + size)) {
+		mmu->stats.notifier_retries++;
+		rc = -EAGAIN;
+		goto out;
+	}
 	/* ranges never overlap: check both neighbours in hva order */
 	for (i = 0; i < mmu->hm_nsorted && mmu->hm[mmu->hm_sorted[i]].hva < hva; i++)
 		;
@@ -131,8 +138,42 @@ int kvmfs_hostmem_list(kvmfs_mmu *mmu, struct kvmfs_hostmem_info *out, int max)
 	return n;
 }
 
-int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void **ptrs,
-			 uint64_t *sizes, int max)
+void kvmfs_mmu_invalidate_begin(kvmfs_mmu *mmu, uint64_t start, uint64_t end)
+{
+	pthread_mutex_lock(&mmu->lock);
+	if (!mmu->inv_in_progress++) {
+		mmu->inv_start = start;
+		mmu->inv_end = end;
+	} else {
+		if (start < mmu->inv_start)
+			mmu->inv_start = start;
+		if (end > mmu->inv_end)
+			mmu->inv_end = end;
+	}
+	pthread_mutex_unlock(&mmu->lock);
+}
+
+void kvmfs_mmu_invalidate_end(kvmfs_mmu *mmu)
+{
+	pthread_mutex_lock(&mmu->lock);
+	mmu->inv_seq++;              /* before the count drops, as kvm_mmu_invalidate_end */
+	if (mmu->inv_in_progress > 0)
+		mmu->inv_in_progress--;
+	pthread_mutex_unlock(&mmu->lock);
+}
+
+uint64_t kvmfs_mmu_invalidate_seq(kvmfs_mmu *mmu)
+{
+	uint64_t seq;
+
+	pthread_mutex_lock(&mmu->lock);
+	seq = mmu->inv_seq;
+	pthread_mutex_unlock(&mmu->lock);
+	return seq;
+}
+
+int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, uint64_t *zapped,
+			 void **ptrs, uint64_t *sizes, int max)
 {
 	bool flush = false;
 	int removed = 0;
@@ -158,6 +199,9 @@ int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void **ptr
 		while (h->sptes) {
 			struct kvmfs_spte *sp = h->sptes;
 			spte_drop(mmu, sp->slot, sp->gfn - sp->slot->base_gfn);
+			mmu->stats.notifier_zaps++;
+			if (zapped)
+				(*zapped)++;
 		}
 		/* unconditional, as for a slot DELETE: guest walks read page
 		 * tables here without leaving sptes */

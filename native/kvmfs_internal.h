@@ -114,6 +114,13 @@ struct kvmfs_mmu {
 	struct kvmfs_flush_client **clients;
 	int nclients, cap_clients;
 	struct kvmfs_mmu_stats stats;
+	/* MMU-notifier protocol (kvm_main.c's mmu_invalidate_*): begin counts in
+	 * progress and widens [inv_start, inv_end); end bumps the sequence.  Host
+	 * memory resolved outside the lock is registered only if neither says it
+	 * may be stale (kvmfs_hostmem_add's seq). */
+	uint64_t inv_seq;
+	int inv_in_progress;
+	uint64_t inv_start, inv_end;
 };
 
 /* What a guest page walk found (walk.c). */

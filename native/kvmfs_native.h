@@ -70,6 +70,7 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 struct kvmfs_mmu_stats {
 	uint64_t fills, walks, walk_faults, mmio_faults, sptes, spte_creates;
 	uint64_t zaps, wp_faults, flushes, kicks, notifier_calls, dirty_pages_logged;
+	uint64_t notifier_zaps, notifier_retries;
 };
 void kvmfs_mmu_get_stats(kvmfs_mmu *mmu, struct kvmfs_mmu_stats *out);
 
@@ -123,7 +124,18 @@ uint64_t kvmfs_memslot_generation(kvmfs_mmu *mmu);
  * daemon address `ptr` (the daemon mmap'ed the same pages).  Ranges do not
  * overlap; Python resolves /proc/PID/maps and calls this once per range.
  */
-int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
+int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint64_t seq);
+/*
+ * MMU-notifier invalidation, KVM's protocol: begin (in progress, range widened)
+ * before the VMM's address space changes, hostmem_remove to zap and forget what
+ * maps the range, end (sequence bumped) after.  A host range resolved outside
+ * the lock is registered (hostmem_add) only with the sequence read before the
+ * lookup, and -EAGAIN (retry) if it changed or an invalidation in progress
+ * covers the range.
+ */
+void kvmfs_mmu_invalidate_begin(kvmfs_mmu *mmu, uint64_t start, uint64_t end);
+void kvmfs_mmu_invalidate_end(kvmfs_mmu *mmu);
+uint64_t kvmfs_mmu_invalidate_seq(kvmfs_mmu *mmu);
 /*
  * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
  * (all vCPUs' TLBs flushed before return) and forget the ranges it touches
@@ -131,7 +143,7 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr);
  * Returns the number of ranges removed; *ptrs and *sizes (up to max) get
  * their daemon mappings so the caller can munmap them.
  */
-int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size,
+int kvmfs_hostmem_remove(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, uint64_t *zapped,
 			 void **ptrs, uint64_t *sizes, int max);
 
 /* Host-memory ranges as unicorn sees them: each is uc_mem_map_ptr'ed once per
@@ -255,6 +267,7 @@ uint64_t kvmfs_vcpu_miss_hva(kvmfs_vcpu *v);
 /* From any thread or a signal handler: end the current or next KVM_RUN with
  * -EINTR and KVM_EXIT_INTR. */
 void kvmfs_vcpu_kick(kvmfs_vcpu *v);
+void kvmfs_vcpu_set_exit_reason(kvmfs_vcpu *v, uint32_t reason);
 /* Install a handler for signo that kicks the vCPU running in the signalled
  * thread (libfuse's "intr" option signals the thread serving an interrupted
  * request). */
@@ -326,6 +339,8 @@ int kvmfs_runarea_add(void *start, uint64_t size);
 void kvmfs_runarea_remove(void *start);
 uint64_t kvmfs_runarea_replaced(void);
 int kvmfs_runarea_install_guard(void);
+int kvmfs_runarea_map(const char *path, uint64_t size, void **out);
+void kvmfs_runarea_unmap(void *p, uint64_t size);
 
 /* ---------------------------------------------------------------- views.c --
  * The per-page text views, formatted in C and streamed from a cursor (whole
