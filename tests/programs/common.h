@@ -93,6 +93,12 @@ static inline const char *result_str(int ret, int err)
 	return buf;
 }
 
+/* result_str of a call's result and the errno it left: res(ioctl(...)). */
+static inline const char *res(int ret)
+{
+	return result_str(ret, errno);
+}
+
 static inline const char *exit_name(uint32_t reason)
 {
 	static char buf[32];

@@ -25,7 +25,7 @@ GUEST(guest_code,
 
 static void report(const char *who, const char *what, int ret)
 {
-	printf("%s: %s -> %s\n", who, what, result_str(ret, errno));
+	printf("%s: %s -> %s\n", who, what, res(ret));
 }
 
 static void child(int kvm, int vm, int vcpu, void *ram)
