@@ -6,9 +6,9 @@ NATIVE  := $(wildcard native/*.c native/*.h patches/*.patch) native/build.py scr
 SO      := kvmfs/.native-built
 MNT     ?= mnt
 
-.PHONY: all demo test test-fast test-asan fuzz bench mount umount deps clean guests
+.PHONY: all launch demo test test-fast test-asan fuzz bench mount umount deps clean guests
 
-all: $(SO)
+all: $(SO) launch
 
 # System packages (libfuse for fusepy, fuse3 for /dev/fuse tools, binutils for
 # the guests, cmake for unicorn), then a venv with the package installed
@@ -32,19 +32,23 @@ $(SO): $(STAMP) $(NATIVE)
 	@$(PY) native/build.py
 	@touch $@
 
+# The launchers of `kvmfs run` (launch/build.py: build/launch/), rebuilt when stale.
+launch: $(STAMP)
+	@$(PY) launch/build.py
+
 # The guest images (kvmfs/guests/*.S -> build/guests/*.bin), reassembled when a source changes.
 guests: $(STAMP)
 	@$(PY) -m kvmfs.guests
 
-demo: $(SO) guests
+demo: $(SO) launch guests
 	@$(PY) tools/demo.py
 
-test: $(SO) guests
+test: $(SO) launch guests
 	@$(PY) -m pytest -q tests
 
 # Stateful fuzzing of a private mount (ioctls, files, text commands, forks, races);
 # `make test` runs 20 s of it.  FUZZ_SECONDS=600 FUZZ_ARGS="--seed 7".
-fuzz: $(SO) guests
+fuzz: $(SO) launch guests
 	@$(PY) tests/fuzz/fuzz.py --seconds $(or $(FUZZ_SECONDS),300) $(FUZZ_ARGS)
 
 test-fast: $(SO) guests
@@ -59,7 +63,7 @@ test-fast: $(SO) guests
 ASAN_TESTS := tests/t1_native_mmu.py tests/t2_vm.py tests/t3_vcpu.py tests/t4_fs.py \
 	tests/t4_mmu.py tests/t4_dirty_log.py tests/t4_conformance.py tests/t6_smm.py
 ASAN_DIR := $(CURDIR)/build/asan
-test-asan: $(SO) guests
+test-asan: $(SO) launch guests
 	@test -f "$$(gcc -print-file-name=libasan.so)" || \
 		{ echo "test-asan: gcc has no libasan (Debian: apt-get install libasan8)"; exit 1; }
 	@KVMFS_SANITIZE=1 $(PY) native/build.py
@@ -77,10 +81,10 @@ test-asan: $(SO) guests
 	if ls $(ASAN_DIR)/reports/* >/dev/null 2>&1; then cat $(ASAN_DIR)/reports/*; rc=1; fi; \
 	exit $$rc
 
-bench: $(SO)
+bench: $(SO) launch
 	@$(PY) bench/bench.py $(BENCH_ARGS)
 
-mount: $(SO)
+mount: $(SO) launch
 	@mkdir -p $(MNT)
 	@$(VENV)/bin/kvmfs mount $(MNT) --log kvmfs.log
 
