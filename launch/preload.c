@@ -255,6 +255,27 @@ static inline void *sys_mmap(uint64_t addr, uint64_t len, int prot, int flags, i
 	return (void *)syscall(SYS_mmap, addr, len, prot, flags, fd, off);
 }
 
+/* ioctl(2) itself, for the untranslated requests: inline on x86-64 (a call of
+ * libc's syscall() costs about as much as the rest of the wrapper). */
+static inline long sys_ioctl(int fd, unsigned long request, void *arg)
+{
+#if defined(__x86_64__)
+	long r;
+
+	__asm__ volatile("syscall"
+			 : "=a"(r)
+			 : "0"((long)SYS_ioctl), "D"((long)fd), "S"(request), "d"(arg)
+			 : "rcx", "r11", "memory");
+	if (UNLIKELY((unsigned long)r > -4096UL)) {
+		errno = (int)-r;
+		return -1;
+	}
+	return r;
+#else
+	return syscall(SYS_ioctl, fd, request, arg);
+#endif
+}
+
 static inline long sys_madvise(uint64_t addr, uint64_t len, int advice)
 {
 	return syscall(SYS_madvise, addr, len, advice);
@@ -781,6 +802,9 @@ static int notify_begin(uint64_t start, uint64_t end, unsigned event, unsigned c
 	fd = notify_fd();
 	if (fd >= 0 && notify(fd, start, end, KVMFS_NOTIFY_START, event, cause) < 0)
 		fd = -1;
+	if (fd >= 0)
+		dbg("MMU notification %s 0x%llx-0x%llx", cause_name(cause), (unsigned long long)start,
+		    (unsigned long long)end);
 	errno = saved;
 	return fd;
 }
@@ -1224,7 +1248,7 @@ EXPORT int ioctl(int fd, unsigned long request, ...)
 	case (unsigned int)KVM_SET_USER_MEMORY_REGION2:
 		return ioctl_slow(fd, request, arg);
 	default:
-		return (int)syscall(SYS_ioctl, fd, request, arg);
+		return (int)sys_ioctl(fd, request, arg);
 	}
 }
 
