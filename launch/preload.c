@@ -927,11 +927,12 @@ static int smaps_line(char *line, void *p)
 	return 0;
 }
 
-static int write_all(int fd, uint64_t src, uint64_t len, uint64_t off)
+static int write_all(int fd, uint64_t src, uint64_t len, uint64_t off, uint64_t *writes)
 {
 	ssize_t n;
 
 	while (len) {
+		++*writes;
 		n = pwrite(fd, (const void *)(uintptr_t)src, len, (off_t)off);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -948,8 +949,10 @@ static int write_all(int fd, uint64_t src, uint64_t len, uint64_t off)
 }
 
 /* Copies the present or swapped pages of private anonymous [start, start+len) into
- * mfd at offset 0: one pwrite per run of such pages.  Without pagemap: all of it. */
-static int copy_present(int mfd, uint64_t start, uint64_t len, int pm, uint64_t *pmbuf, size_t cap)
+ * mfd at offset 0: one pwrite per run of such pages.  Without pagemap: all of it.
+ * Counts the pages copied and the writes. */
+static int copy_present(int mfd, uint64_t start, uint64_t len, int pm, uint64_t *pmbuf, size_t cap,
+			uint64_t *pages, uint64_t *writes)
 {
 	uint64_t npages = len / g_page, done = 0, run = UINT64_MAX, i, got;
 	ssize_t r;
@@ -968,7 +971,9 @@ static int copy_present(int mfd, uint64_t start, uint64_t len, int pm, uint64_t 
 			if (used && run == UINT64_MAX) {
 				run = done + i;
 			} else if (!used && run != UINT64_MAX) {
-				if (write_all(mfd, start + run * g_page, (done + i - run) * g_page, run * g_page) < 0)
+				*pages += done + i - run;
+				if (write_all(mfd, start + run * g_page, (done + i - run) * g_page, run * g_page,
+					      writes) < 0)
 					return -1;
 				run = UINT64_MAX;
 			}
@@ -977,15 +982,16 @@ static int copy_present(int mfd, uint64_t start, uint64_t len, int pm, uint64_t 
 	}
 	if (done < npages && run == UINT64_MAX)
 		run = done;     /* pagemap failed: copy the rest whole */
-	if (run != UINT64_MAX)
-		return write_all(mfd, start + run * g_page, (npages - run) * g_page, run * g_page);
-	return 0;
+	if (run == UINT64_MAX)
+		return 0;
+	*pages += npages - run;
+	return write_all(mfd, start + run * g_page, (npages - run) * g_page, run * g_page, writes);
 }
 
 /* Replaces one private part by memfd MAP_SHARED memory with the same contents. */
 static int convert_part(const struct part *pt, int pm, uint64_t *pmbuf, size_t cap)
 {
-	uint64_t len = pt->end - pt->start;
+	uint64_t len = pt->end - pt->start, pages = 0, writes = 0;
 	void *m;
 	int mfd;
 
@@ -1005,9 +1011,10 @@ static int convert_part(const struct part *pt, int pm, uint64_t *pmbuf, size_t c
 	if (pt->file) {
 		/* A private file mapping reads as the file where not written: copy all;
 		 * pages past the file's end fault (EFAULT) and stay zero. */
-		if (write_all(mfd, pt->start, len, 0) < 0 && errno != EFAULT)
+		if (write_all(mfd, pt->start, len, 0, &writes) < 0 && errno != EFAULT)
 			goto fail;
-	} else if (copy_present(mfd, pt->start, len, pm, pmbuf, cap) < 0) {
+		pages = len / g_page;
+	} else if (copy_present(mfd, pt->start, len, pm, pmbuf, cap, &pages, &writes) < 0) {
 		goto fail;
 	}
 	m = sys_mmap(pt->start, len, pt->prot, MAP_SHARED | MAP_FIXED, mfd, 0);
@@ -1026,8 +1033,10 @@ static int convert_part(const struct part *pt, int pm, uint64_t *pmbuf, size_t c
 	else if (pt->flags & VF_LOCKED)
 		syscall(SYS_mlock, pt->start, len);
 	sys_close(mfd);
-	dbg("converted 0x%llx-0x%llx (%s) to memfd shared memory", (unsigned long long)pt->start,
-	    (unsigned long long)pt->end, pt->file ? "private file mapping" : "private anonymous");
+	dbg("converted 0x%llx-0x%llx (%s) to memfd shared memory: %llu pages copied in %llu writes",
+	    (unsigned long long)pt->start, (unsigned long long)pt->end,
+	    pt->file ? "private file mapping" : "private anonymous", (unsigned long long)pages,
+	    (unsigned long long)writes);
 	return 0;
 fail:
 	dbg("converting 0x%llx-0x%llx: %s; left as it was", (unsigned long long)pt->start,
