@@ -50,12 +50,15 @@
  *    would not zero) is done as MADV_REMOVE; new private memory mapped over a
  *    registered range (mmap, mremap) is converted before the call returns; the
  *    part an mremap grows converted memory by is fresh zeroed memory, as it
- *    would have been.
+ *    would have been.  MADV_REMOVE is used only where /proc/self/maps still shows
+ *    the library's own memfd ("/memfd:kvmfs-converted-memory"): memory unmapped
+ *    behind its back is not punched.
  *
  * What it cannot do:
  *  - statically linked programs (Firecracker, Go), raw syscall(2), inline system
- *    calls, io_uring and libc-internal calls (brk by malloc, for one) are not
- *    seen: use the seccomp launcher for those;
+ *    calls, io_uring and libc-internal calls (brk, and mmap/munmap by malloc and
+ *    free, for instance) are not seen: use the seccomp launcher for those; nor are
+ *    ftruncate shrinking a file that backs guest memory, and shmat/shmdt;
  *  - memory mapped over a registered range by a call not interposed here, or
  *    by another thread between the conversion's copy and its mmap, stays as it
  *    is (the conversion is not atomic against concurrent writers of the range);
@@ -827,6 +830,7 @@ static void notify_end(int fd, uint64_t start, uint64_t end, unsigned event, uns
 #define VF_LOCKONFAULT (1u << 5)
 #define VF_KEEP (1u << 6)       /* cannot be replaced: left private */
 #define MAX_PARTS 32
+#define MEMFD_NAME "kvmfs-converted-memory"     /* /proc/self/maps: "/memfd:" MEMFD_NAME " (deleted)" */
 
 struct part {
 	uint64_t start, end, vma;
@@ -1000,7 +1004,7 @@ static int convert_part(const struct part *pt, int pm, uint64_t *pmbuf, size_t c
 		    (unsigned long long)pt->end, pt->prot ? pt->why : "PROT_NONE");
 		return -1;
 	}
-	mfd = (int)syscall(SYS_memfd_create, "kvmfs-guest-memory", MFD_CLOEXEC);
+	mfd = (int)syscall(SYS_memfd_create, MEMFD_NAME, MFD_CLOEXEC);
 	if (mfd < 0) {
 		dbg("memfd_create: %s; 0x%llx-0x%llx left private", strerror(errno),
 		    (unsigned long long)pt->start, (unsigned long long)pt->end);
@@ -1303,7 +1307,9 @@ static void *do_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t 
 	p = sys_mmap((uintptr_t)addr, len, prot, flags, fd, off);
 	e = errno;
 	if (p != MAP_FAILED) {
-		if (h.conv)
+		/* Whatever was converted there is gone (MAP_FIXED), or was gone before
+		 * by a call not seen here. */
+		if (h.conv || (!replace && page_range((uintptr_t)p, len, &lo, &hi) && near(lo, hi)))
 			conv_cut(lo, hi);
 		/* New private memory where a memslot is: make it shareable, as on KVM the
 		 * slot would simply use it. */
@@ -1346,6 +1352,35 @@ EXPORT int mprotect(void *addr, size_t len, int prot)
 	return (int)r;
 }
 
+/* Is [lo, hi) still all this library's memfd memory?  (It is not after an unmap
+ * the library did not see; MADV_REMOVE must then not punch whatever is there.) */
+struct still_ctx {
+	uint64_t lo, hi, at;
+};
+
+static int still_line(char *line, void *p)
+{
+	struct still_ctx *c = p;
+	struct vma v;
+
+	if (parse_vma(line, &v) < 0 || v.end <= c->at)
+		return 0;
+	if (v.start > c->at || v.perms[3] != 's' || strcmp(v.path, "/memfd:" MEMFD_NAME " (deleted)"))
+		return 1;
+	c->at = v.end;
+	return c->at >= c->hi;
+}
+
+static int still_converted(uint64_t lo, uint64_t hi)
+{
+	struct still_ctx c = {lo, hi, lo};
+
+	pthread_mutex_lock(&g_slow);
+	each_line("/proc/self/maps", still_line, &c);
+	pthread_mutex_unlock(&g_slow);
+	return c.at >= hi;
+}
+
 /* madvise(advice) of [lo, hi), where the converted parts c[] get MADV_REMOVE: memfd
  * memory is not zeroed by DONTNEED, and MADV_FREE refuses shared memory. */
 static long madvise_zeroing(uint64_t lo, uint64_t hi, int advice, const struct range *c, int n)
@@ -1358,7 +1393,13 @@ static long madvise_zeroing(uint64_t lo, uint64_t hi, int advice, const struct r
 
 		if (cur < s && sys_madvise(cur, s - cur, advice) < 0 && !err)
 			err = errno;
-		if (s < e && sys_madvise(s, e - s, MADV_REMOVE) < 0) {
+		if (s < e && !still_converted(s, e)) {
+			dbg("0x%llx-0x%llx is no longer converted memory", (unsigned long long)s,
+			    (unsigned long long)e);
+			conv_cut(s, e);
+			if (sys_madvise(s, e - s, advice) < 0 && !err)
+				err = errno;
+		} else if (s < e && sys_madvise(s, e - s, MADV_REMOVE) < 0) {
 			dbg("MADV_REMOVE of converted 0x%llx-0x%llx: %s; the advice given as it was",
 			    (unsigned long long)s, (unsigned long long)e, strerror(errno));
 			if (sys_madvise(s, e - s, advice) < 0 && !err)
