@@ -1547,6 +1547,8 @@ EXPORT void *mremap(void *old, size_t old_size, size_t new_size, int flags, ...)
 		nhi = nlo + ((new_size + g_page - 1) & ~(g_page - 1));
 		if (hf.conv)
 			conv_cut(flo, fhi);
+		if (nlo != glo && near(nlo, nhi))
+			conv_cut(nlo, nhi);     /* stale: that range was free */
 		if (gnear && nlo != glo)
 			conv_move(glo, ghi, nhi - nlo, nlo, (flags & MREMAP_DONTUNMAP) != 0);
 		else if (ho.conv)
