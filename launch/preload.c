@@ -79,11 +79,13 @@
  *  - a signal handler that calls munmap/mmap while its thread is inside this
  *    library can deadlock on g_tab.
  *
- * Locks (never held across a call into the program or a FUSE request):
+ * Locks (never held across a call into the program, nor across an ioctl to the
+ * daemon):
  *  - g_slow (mutex): the parse buffer, the device cache and conversions;
  *  - g_tab (rwlock): the memslot and converted-range tables and their hull;
  *    read in the mm interposers, written on changes;
- *  - g_nfd_lock (mutex): the private notification fd; taken alone.
+ *  - g_nfd_lock (mutex): the private notification fd (held while it is opened,
+ *    a FUSE open); taken alone.
  *  Order: g_slow before g_tab.  pthread_atfork takes all three around fork and
  *  gives the child fresh ones; the child keeps the tables.  Nothing allocates
  *  on the paths of ordinary calls; the hot paths are a flag, a switch and (mm
