@@ -105,12 +105,15 @@ def memslot_count(mmu, as_id):
     return lib.kvmfs_memslot_count(mmu, as_id)
 
 
-def hostmem_add(mmu, hva, size, ptr, op, seq):
+HOSTMEM_READONLY = lib.KVMFS_HOSTMEM_READONLY
+
+
+def hostmem_add(mmu, hva, size, ptr, op, seq, flags=0):
     """Register daemon memory ptr as the VMM's [hva, hva+size); ptr must stay mapped
     until hostmem_remove returns it (or the MMU is freed).  seq: invalidate_seq()
     read before the VMM's memory was looked up; KvmError(EAGAIN) when an
     invalidation since (or in progress over the range) may have made it stale."""
-    return ensure(lib.kvmfs_hostmem_add(mmu, hva, size, ptr, seq), op,
+    return ensure(lib.kvmfs_hostmem_add(mmu, hva, size, ptr, flags, seq), op,
                   f"host memory 0x{hva:x}+0x{size:x}", warn=False)
 
 
@@ -139,6 +142,11 @@ def invalidate_end(mmu):
 
 def invalidate_seq(mmu):
     return lib.kvmfs_mmu_invalidate_seq(mmu)
+
+
+def invalidate_retry(mmu, seq, start, end):
+    """Whether what was looked up of [start, end) at seq may be stale (retry it)."""
+    return lib.kvmfs_mmu_invalidate_retry(mmu, seq, start, end) != 0
 
 
 def mmu_access_gpa(mmu, as_id, gpa, buf, length, write):

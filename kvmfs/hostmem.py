@@ -193,14 +193,21 @@ class HostMemory:
         Raises KvmError(EFAULT) with a log line saying why and how to fix it.
         """
         with self.lock:
-            done = self._resolve(hva, what)
+            seq = native.invalidate_seq(self.mmu)      # before the maps are read
+            try:
+                done = self._resolve(hva, what, seq)
+            except KvmError:
+                # what refused it (unmapped, private, read-only) may be the VMM's
+                # change in progress: only an answer no invalidation overlapped counts
+                if not native.invalidate_retry(self.mmu, seq, hva, hva + 1):
+                    raise
+                done = False
         if not done:
             time.sleep(RETRY_PAUSE)     # the VMM is changing this range: let it finish
 
-    def _resolve(self, hva, what):
+    def _resolve(self, hva, what, seq):
         """True once hva is registered; False when an MMU-notifier invalidation made
-        what was looked up stale (the caller retries, as KVM's fault path does)."""
-        seq = native.invalidate_seq(self.mmu)      # before the maps are read
+        what was looked up at seq stale (the caller retries, as KVM's fault path does)."""
         if self._closed:
             raise KvmError(errno.EFAULT, what, f"VMM address 0x{hva:x}: the VM is gone", warn=False)
         if any(s <= hva < s + sz for s, (_, sz) in self.maps.items()):
@@ -214,29 +221,33 @@ class HostMemory:
             kind = "private anonymous" if vma.inode == 0 else f"a private mapping of {vma.path}"
             raise KvmError(errno.EFAULT, what,
                            f"VMM address 0x{hva:x} is {kind} memory the daemon cannot share; {HINT}")
-        if vma.perms[1] != "w":
-            raise KvmError(errno.EFAULT, what,
-                           f"VMM address 0x{hva:x} is mapped read-only; guest memory must be writable")
-        size = vma.end - vma.start
-        addr = self._map(vma, what)
+        # Only the part of the VMA no registered range covers: a VMA the VMM split
+        # (mprotect) and merged again is partly registered already.
+        lo = max([vma.start] + [s + sz for s, (_, sz) in self.maps.items() if s + sz <= hva])
+        hi = min([vma.end] + [s for s in self.maps if s > hva])
+        size = hi - lo
+        readonly = vma.perms[1] != "w"          # reads work, guest writes EFAULT (mmu.c)
+        addr = self._map(vma, lo, size, what)
         # SAFETY: C keeps this daemon address until hostmem_remove hands it back
         # (invalidate) or the MMU is freed; it is unmapped only after either.
         try:
-            native.hostmem_add(self.mmu, vma.start, size, native.cast("void *", addr), what, seq)
+            native.hostmem_add(self.mmu, lo, size, native.cast("void *", addr), what, seq,
+                               native.HOSTMEM_READONLY if readonly else 0)
         except KvmError as e:
             _munmap(addr, size)
             if e.errno == errno.EAGAIN:
                 return False
-            # EEXIST: part of the VMA was registered while it was smaller or
-            # elsewhere, and the VMM did not report the change (invalidate).
             raise KvmError(errno.EFAULT if e.errno == errno.EEXIST else e.errno, what,
-                           f"cannot register host memory 0x{vma.start:x}+0x{size:x}: "
+                           f"cannot register host memory 0x{lo:x}+0x{size:x}: "
                            f"{os.strerror(e.errno)}") from None
-        self.maps[vma.start] = (addr, size)
-        log.debug("pid %d: mapped %s 0x%x-0x%x", self.pid, vma.path, vma.start, vma.end)
+        self.maps[lo] = (addr, size)
+        log.debug("pid %d: mapped %s 0x%x-0x%x%s", self.pid, vma.path, lo, hi,
+                  " (read-only)" if readonly else "")
         return True
 
-    def _map(self, vma, what):
+    def _map(self, vma, lo, size, what):
+        """The daemon's read/write mapping of [lo, lo+size) of vma's file (read/write
+        even where the VMM's is read-only: C refuses the guest's writes there)."""
         try:
             fd = self.process.open_fd(f"map_files/{vma.start:x}-{vma.end:x}", os.O_RDWR)
         except OSError as e:
@@ -248,7 +259,7 @@ class HostMemory:
             st = os.fstat(fd)
             if (os.major(st.st_dev), os.minor(st.st_dev)) != vma.dev or st.st_ino != vma.inode:
                 raise KvmError(errno.EFAULT, what, f"mapping at 0x{vma.start:x} changed while resolving it")
-            return _mmap_shared(fd, vma.end - vma.start, vma.offset)
+            return _mmap_shared(fd, size, vma.offset + (lo - vma.start))
         except OSError as e:
             raise KvmError(errno.EFAULT, what, f"cannot map the file behind 0x{vma.start:x}: {e}") from None
         finally:

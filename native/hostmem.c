@@ -58,13 +58,15 @@ int hostmem_find(kvmfs_mmu *mmu, uint64_t hva)
 	return hva - mmu->hm[lo].hva < mmu->hm[lo].size ? lo : -1;
 }
 
-int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint64_t seq)
+int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint32_t flags,
+		      uint64_t seq)
 {
 	struct kvmfs_hostmem *h;
 	uint64_t span;
 	int i, rc = 0;
 
-	if (!size || !ptr || (hva | size | (uintptr_t)ptr) & (PAGE_SIZE - 1) || hva + size < hva)
+	if (!size || !ptr || (hva | size | (uintptr_t)ptr) & (PAGE_SIZE - 1) || hva + size < hva ||
+	    flags & ~KVMFS_HOSTMEM_READONLY)
 		return -EINVAL;
 	pthread_mutex_lock(&mmu->lock);
 	/* mmu_invalidate_retry_gfn(): what the caller looked up may be stale */
@@ -112,6 +114,7 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, ui
 	h->sptes = NULL;
 	h->populated = NULL;
 	h->populating = 0;
+	h->readonly = flags & KVMFS_HOSTMEM_READONLY;
 	mmu->uphys_next += span;
 	memmove(&mmu->hm_sorted[i + 1], &mmu->hm_sorted[i], (mmu->hm_nsorted - i) * sizeof(int));
 	mmu->hm_sorted[i] = mmu->hm_n;
@@ -160,6 +163,20 @@ void kvmfs_mmu_invalidate_end(kvmfs_mmu *mmu)
 	if (mmu->inv_in_progress > 0)
 		mmu->inv_in_progress--;
 	pthread_mutex_unlock(&mmu->lock);
+}
+
+/* Whether a lookup of [start, end) made at sequence seq may be stale. */
+int kvmfs_mmu_invalidate_retry(kvmfs_mmu *mmu, uint64_t seq, uint64_t start, uint64_t end)
+{
+	int retry;
+
+	pthread_mutex_lock(&mmu->lock);
+	retry = seq != mmu->inv_seq ||
+		(mmu->inv_in_progress && start < mmu->inv_end && mmu->inv_start < end);
+	if (retry)
+		mmu->stats.notifier_retries++;
+	pthread_mutex_unlock(&mmu->lock);
+	return retry;
 }
 
 uint64_t kvmfs_mmu_invalidate_seq(kvmfs_mmu *mmu)
@@ -275,6 +292,15 @@ int kvmfs_mmu_gpa_host(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa, void **host
 	return 0;
 }
 
+/* Is the host memory behind gpa mapped read-only by the VMM? (lock held) */
+static bool hostmem_readonly_at(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa)
+{
+	struct kvmfs_slot *s = kvmfs_mmu_slot_of(mmu, as_id, gpa >> PAGE_SHIFT);
+	int hi = s ? hostmem_find(mmu, s->hva + (gpa - (s->base_gfn << PAGE_SHIFT))) : -1;
+
+	return hi >= 0 && mmu->hm[hi].readonly;
+}
+
 static int64_t copy_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa, void *buf, uint64_t len,
 			uint64_t *miss_hva, bool write)
 {
@@ -301,6 +327,8 @@ static int64_t copy_gpa(kvmfs_mmu *mmu, uint32_t as_id, uint64_t gpa, void *buf,
 		}
 		if (avail > len - done)
 			avail = len - done;
+		if (write && hostmem_readonly_at(mmu, as_id, gpa + done))
+			break;
 		if (write)
 			memcpy(host, (char *)buf + done, avail);
 		else

@@ -94,6 +94,7 @@ struct kvmfs_hostmem {
 	struct kvmfs_spte *sptes;       /* sptes mapping pages of this range */
 	uint64_t *populated;            /* pages already populated (fault-around), lazy */
 	uint32_t populating;            /* madvise() calls in flight without the lock */
+	bool readonly;                  /* the VMM maps it without PROT_WRITE: guest writes EFAULT */
 };
 
 struct kvmfs_mmu {

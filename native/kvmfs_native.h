@@ -124,7 +124,11 @@ uint64_t kvmfs_memslot_generation(kvmfs_mmu *mmu);
  * daemon address `ptr` (the daemon mmap'ed the same pages).  Ranges do not
  * overlap; Python resolves /proc/PID/maps and calls this once per range.
  */
-int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint64_t seq);
+/* flags: KVMFS_HOSTMEM_READONLY when the VMM's mapping lacks PROT_WRITE (guest
+ * reads work, guest writes fail KVM_RUN with EFAULT, as KVM's hva_to_pfn). */
+#define KVMFS_HOSTMEM_READONLY 1
+int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint32_t flags,
+		      uint64_t seq);
 /*
  * MMU-notifier invalidation, KVM's protocol: begin (in progress, range widened)
  * before the VMM's address space changes, hostmem_remove to zap and forget what
@@ -136,6 +140,7 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, ui
 void kvmfs_mmu_invalidate_begin(kvmfs_mmu *mmu, uint64_t start, uint64_t end);
 void kvmfs_mmu_invalidate_end(kvmfs_mmu *mmu);
 uint64_t kvmfs_mmu_invalidate_seq(kvmfs_mmu *mmu);
+int kvmfs_mmu_invalidate_retry(kvmfs_mmu *mmu, uint64_t seq, uint64_t start, uint64_t end);
 /*
  * MMU-notifier invalidation of [hva, hva+size): zap every spte mapping it
  * (all vCPUs' TLBs flushed before return) and forget the ranges it touches

@@ -142,6 +142,10 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 		if (hostmem_populate_plan(mmu, s, hi, hva, &pop_ptr, &pop_len))
 			pop_hi = hi;
 	}
+	if (write && mmu->hm[sp->hm_idx].readonly) {
+		out->kind = KVMFS_XL_EFAULT;       /* hva_to_pfn: the VMM's page is not writable */
+		goto out;
+	}
 	wword = &s->wbits[idx / 64];
 	wbit = 1ull << (idx % 64);
 	if (write) {
@@ -171,7 +175,7 @@ int kvmfs_mmu_translate(kvmfs_mmu *mmu, const struct kvmfs_paging *pg, uint64_t 
 	 */
 	sp->flags |= KVMFS_SPTE_A;
 	out->perms = w.perms & (PROT_R | PROT_X);
-	if ((w.perms & PROT_W) && (*wword & wbit) &&
+	if ((w.perms & PROT_W) && (*wword & wbit) && !mmu->hm[sp->hm_idx].readonly &&
 	    (write || ((sp->flags & KVMFS_SPTE_D) && w.dirty)))
 		out->perms |= PROT_W;
 	out->uphys = sp->uphys;

@@ -54,7 +54,7 @@ class HostMem:
         self.cbuf = ffi.from_buffer(self.map)   # lives as long as self
         self.hva = int(ffi.cast("uintptr_t", self.cbuf))
         if register:
-            assert lib.kvmfs_hostmem_add(mmu, self.hva, size, self.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
+            assert lib.kvmfs_hostmem_add(mmu, self.hva, size, self.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
 
     def u64(self, off):
         return int.from_bytes(self.map[off:off + 8], "little")
@@ -202,8 +202,8 @@ def test_many_slots(mmu):
 def test_hostmem_and_gpa_copy(mmu):
     a = HostMem(mmu, 8 * PAGE)
     b = HostMem(mmu, 4 * PAGE, register=False)
-    assert lib.kvmfs_hostmem_add(mmu, a.hva, PAGE, a.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == -errno.EEXIST
-    assert lib.kvmfs_hostmem_add(mmu, a.hva + 1, PAGE, a.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == -errno.EINVAL
+    assert lib.kvmfs_hostmem_add(mmu, a.hva, PAGE, a.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == -errno.EEXIST
+    assert lib.kvmfs_hostmem_add(mmu, a.hva + 1, PAGE, a.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == -errno.EINVAL
     # slot 0: gpa 0..4 pages -> a[4..8]; slot 1: gpa 4..8 pages -> b (not registered yet)
     assert mset(mmu, 0, 0, 4 * PAGE, a.hva + 4 * PAGE) == lib.KVMFS_MR_CREATE
     assert mset(mmu, 1, 4 * PAGE, 4 * PAGE, b.hva) == lib.KVMFS_MR_CREATE
@@ -216,7 +216,7 @@ def test_hostmem_and_gpa_copy(mmu):
     assert a.map[6 * PAGE + 100:8 * PAGE] == data[:n]
     n = lib.kvmfs_mmu_write_gpa(mmu, 0, 4 * PAGE, data, len(data), miss)
     assert n == 0 and miss[0] == b.hva
-    assert lib.kvmfs_hostmem_add(mmu, b.hva, b.size, b.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
+    assert lib.kvmfs_hostmem_add(mmu, b.hva, b.size, b.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
     n = lib.kvmfs_mmu_write_gpa(mmu, 0, 2 * PAGE + 100, data, len(data), miss)
     assert n == len(data)
     assert b.map[:2 * PAGE + 100] == data[2 * PAGE - 100:]
@@ -254,7 +254,7 @@ def test_hostmem_remove_zaps(mmu):
     assert o.kind == lib.KVMFS_XL_NEED_HVA and o.hva == a.hva
     hl = ffi.new("struct kvmfs_hostmem_info[]", 4)
     assert lib.kvmfs_hostmem_list(mmu, hl, 4) == 2 and hl[0].size == 0 and hl[1].size == b.size
-    assert lib.kvmfs_hostmem_add(mmu, a.hva, a.size, a.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0      # re-resolved: new index
+    assert lib.kvmfs_hostmem_add(mmu, a.hva, a.size, a.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0      # re-resolved: new index
     assert lib.kvmfs_hostmem_list(mmu, hl, 4) == 3 and hl[2].uphys > hl[1].uphys
     o = xl(mmu, 0)
     assert o.kind == lib.KVMFS_XL_OK and o.uphys == hl[2].uphys
@@ -318,7 +318,7 @@ def test_translate_need_hva_then_ok(mmu):
     assert mset(mmu, 0, 0, 4 * PAGE, a.hva) == lib.KVMFS_MR_CREATE
     o = xl(mmu, 2 * PAGE + 5, WRITE)
     assert o.kind == lib.KVMFS_XL_NEED_HVA and o.hva == a.hva + 2 * PAGE
-    assert lib.kvmfs_hostmem_add(mmu, a.hva, a.size, a.cbuf, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
+    assert lib.kvmfs_hostmem_add(mmu, a.hva, a.size, a.cbuf, 0, lib.kvmfs_mmu_invalidate_seq(mmu)) == 0
     o = xl(mmu, 2 * PAGE + 5, WRITE)
     assert o.kind == lib.KVMFS_XL_OK
     ffi.cast("char *", o.host)[5] = b"z"

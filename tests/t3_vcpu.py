@@ -35,7 +35,7 @@ class Vm:
         self.mem = mmap.mmap(self.fd, mem)
         self.ptr = ffi.from_buffer(self.mem)
         self.hva = int(ffi.cast("uintptr_t", self.ptr))
-        assert lib.kvmfs_hostmem_add(self.mmu, self.hva, mem, self.ptr, lib.kvmfs_mmu_invalidate_seq(self.mmu)) == 0
+        assert lib.kvmfs_hostmem_add(self.mmu, self.hva, mem, self.ptr, 0, lib.kvmfs_mmu_invalidate_seq(self.mmu)) == 0
         assert lib.kvmfs_memslot_set(self.mmu, 0, 0, slot_flags, 0, mem, self.hva, ffi.NULL) >= 0
         self.vcpus = []
 

@@ -509,11 +509,7 @@ int main(int argc, char **argv)
 
 # Lines where the daemon still differs from KVM (not the library's doing): the
 # test xfails when only these differ, and passes once the daemon is fixed.
-KNOWN = {
-    "poke 0x3008": "daemon: after mprotect splits a VMA and a second mprotect merges it "
-                   "back, resolving the merged VMA fails EEXIST against the parts still "
-                   "registered (hostmem.py _resolve)",
-}
+KNOWN = {}
 
 
 @pytest.fixture(scope="module")
@@ -657,6 +653,7 @@ def test_fds_and_children(vmm, library, real_kvm, daemon):
     assert re.fullmatch(re.escape(mnt) + r"/vm\d+/vcpu0", where["vcpu"])
 
 
+@pytest.mark.expect_log(r"KVM_RUN: EFAULT")        # the guest's write after mprotect(PROT_READ)
 def test_memory(vmm, library, real_kvm, daemon):
     if not daemon["notify"]:
         pytest.skip("the daemon does not take KVMFS_MMU_NOTIFY yet")
