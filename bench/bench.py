@@ -305,22 +305,73 @@ def bench_smp(t, q, uc_anchor):
         m2.close()
 
 
+def bench_run(t, mnt, q, have_kvm):
+    """7. kvmfs run: bench_raw.c, a VMM on <linux/kvm.h> alone, unmodified on kvmfs."""
+    n, r = q["exit_n"], q["reps"]
+    print("\n7. kvmfs run: one VMM binary on <linux/kvm.h> only (bench_raw.c), unmodified")
+    run = [sys.executable, "-m", "kvmfs", "run", "--mount", mnt.dir, "--mechanism"]
+    real = None
+    if have_kvm:
+        real = guarded("/dev/kvm raw exit", lambda: fig(
+            "/dev/kvm, bench_raw, real-mode out", col(lines([t["bench_raw"], "exit", str(n), str(r)]), 0),
+            "exit"))
+    kvmfs_h = guarded("kvmfs.h exit", lambda: fig(
+        "kvmfs, bench_guest.c on kvmfs.h, real-mode out",
+        col(lines([t["bench_guest"], "exit", "real", str(n), str(r)], env_for(mnt.dir)), 0), "exit"))
+    vs = [("the same exit on kvmfs.h", kvmfs_h), ("/dev/kvm", real)]
+    guarded("preload exit", lambda: fig(
+        "kvmfs run --mechanism preload, bench_raw", col(lines(
+            run + ["preload", "--", t["bench_raw"], "exit", str(n), str(r)]), 0), "exit", vs,
+        target=(0, 1.05)))
+    guarded("seccomp exit", lambda: fig(
+        "kvmfs run --mechanism seccomp, bench_raw (static)", col(lines(
+            run + ["seccomp", "--", t["bench_raw_static"], "exit", str(n), str(r)]), 0), "exit", vs))
+    mib = q["convert_mib"]
+    anchor = None
+    if have_kvm:
+        anchor = guarded("/dev/kvm memslot", lambda: fig(
+            f"/dev/kvm, register {mib} MiB of private memory", col(lines(
+                [t["bench_raw"], "convert", str(mib), str(r)]), 0)))
+    best = guarded("conversion", lambda: fig(
+        f"preload, register {mib} MiB of private memory (converted)", col(lines(
+            run + ["preload", "--", t["bench_raw"], "convert", str(mib), str(r)]), 0), None,
+        [("/dev/kvm", anchor)]))
+    if best:
+        print(f"  {'':<50}   = {best * (1024 / mib) / 1e6:.0f} ms per GiB converted")
+    for size, label in ((0, "1 page"), (mib, f"{mib} MiB")):
+        arg = str(size)
+        kvm_t = None
+        if have_kvm:
+            kvm_t = guarded("/dev/kvm munmap", lambda: fig(
+                f"/dev/kvm, munmap of a {label} slot", col(lines(
+                    [t["bench_raw"], "munmap", arg, str(r)]), 0)))
+        guarded("preload munmap", lambda: fig(
+            f"preload, munmap of a {label} slot (invalidation)", col(lines(
+                run + ["preload", "--", t["bench_raw"], "munmap", arg, str(r)]), 0), None,
+            [("/dev/kvm", kvm_t)]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="smoke run: fewer repetitions, smaller sizes")
     args = p.parse_args()
     q = dict(reps=5, exit_n=20000, iters=5_000_000, kvm_iters=200_000, touch_mib=256, kvm_touch_mib=64,
-             log_mib=1024, memslot_reps=5)
+             log_mib=1024, memslot_reps=5, convert_mib=1024)
     if args.quick:
         q.update(reps=2, exit_n=3000, iters=1_000_000, kvm_iters=50_000, touch_mib=64, kvm_touch_mib=16,
-                 log_mib=256, memslot_reps=2)
+                 log_mib=256, memslot_reps=2, convert_mib=128)
     if args.reps:
         q["reps"] = q["memslot_reps"] = args.reps
     have_kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
     with tempfile.TemporaryDirectory() as tmp:
         tools = {name: build(tmp, name) for name in ("ioctl_loop", "bench_memslots")}
         tools["bench_guest"] = build(tmp, "bench_guest", ["-lpthread"])
+        tools["bench_raw"] = build(tmp, "bench_raw")
+        tools["bench_raw_static"] = build(tmp, "bench_raw", ["-static"])
+        os.replace(tools["bench_raw_static"], tools["bench_raw_static"] + "-static")
+        tools["bench_raw_static"] += "-static"
+        tools["bench_raw"] = build(tmp, "bench_raw")
         so = os.path.join(tmp, "uc_codehook.so")
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", so,
                         os.path.join(REPO, "bench", "uc_codehook.c")], check=True)
@@ -335,6 +386,7 @@ def main():
             uc64 = bench_compute(tools, mnt, q, have_kvm)
             bench_fill(tools, mnt, q, have_kvm)
             bench_dirty_log(tools, mnt, q, have_kvm)
+            bench_run(tools, mnt, q, have_kvm)
         finally:
             mnt.close()
         bench_smp(tools, q, uc64)
