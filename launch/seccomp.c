@@ -82,8 +82,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/ptrace.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -91,6 +93,7 @@
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/user.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/audit.h>
@@ -728,10 +731,559 @@ fail:
 		reply_error(req->id, -r);
 }
 
-/* --- memslots ----------------------------------------------------------------------- */
+/* --- memslots: private anonymous guest RAM, converted in place -----------------------
+ * The daemon maps the VMM's memory through /proc/PID/map_files, which works for
+ * shared memory only.  Private anonymous memory (Firecracker's, kvmtool's,
+ * QEMU's default) is converted before the slot is made, inside the stopped
+ * program, so that the program keeps its addresses and contents:
+ *
+ *   1. the target's fd is a kvmfs file, the range is page-aligned and wholly
+ *      private anonymous memory (no file, not [heap]/[stack]) of one protection;
+ *   2. every thread of the process is PTRACE_SEIZEd (no stop yet: this only
+ *      checks that we may), a memfd of the range's size is made here and
+ *      installed into the target with ADDFD (without SEND: the call stays pending);
+ *   3. every thread is stopped with PTRACE_INTERRUPT.  The notifying thread's
+ *      wait for our answer is interruptible: it leaves it with -ERESTARTSYS (the
+ *      notification is gone, a reply would get ENOENT) and stops in
+ *      get_signal(), before the restart logic, with rax = -ERESTARTSYS,
+ *      orig_rax = __NR_ioctl and rip after its `syscall` instruction;
+ *   4. with the process stopped, the pages present or swapped out per
+ *      /proc/PID/pagemap (not the shared zero page) are copied once,
+ *      process_vm_readv straight into our mapping of the memfd;
+ *   5. through that thread's own `syscall` instruction (rip - 2) we run
+ *      mmap(addr, len, prot, MAP_SHARED|MAP_FIXED, fd, 0) and close(fd), each
+ *      with PTRACE_SYSCALL to its entry and exit stops;
+ *   6. the thread's registers are set to what the kernel's restart would give
+ *      (rip - 2, rax = __NR_ioctl), every thread is detached, and the thread
+ *      issues KVM_SET_USER_MEMORY_REGION again: a new notification, which now
+ *      finds shared memory and is CONTINUEd to the daemon.
+ * Signals that arrive meanwhile are held and sent again after the detach.  A
+ * range whose conversion failed is not tried again (its slot then fails at
+ * first use, as without conversion).
+ * Differences the program can see afterwards: the range is MAP_SHARED, so a
+ * child forked later shares it instead of copying it, and MADV_DONTNEED no
+ * longer zeroes it (the pages stay in the memfd).  Not converted: hugetlb
+ * (MAP_HUGETLB) and private file mappings (snapshots), ranges with holes or
+ * mixed protections.  The injected mmap and close meet the program's own
+ * seccomp filters, if it installed some before creating its memslots.
+ */
+static pid_t child_pid;
+static int child_status, child_reaped;
+static int convert_ram = 1;          /* --no-convert: leave private memory alone */
+
+/* A wait for a thread we trace may see our child's end: keep it for supervise(). */
+static void note_exit(pid_t pid, int status)
+{
+	if (pid == child_pid && !child_reaped && (WIFEXITED(status) || WIFSIGNALED(status))) {
+		child_status = status;
+		child_reaped = 1;
+	}
+}
+
+/* Whether [start, end) is wholly private anonymous memory of one protection:
+ * its PROT_* bits, or -1. */
+static int private_anon_prot(pid_t tid, __u64 start, __u64 end)
+{
+	char name[64], *line = NULL;
+	size_t cap = 0;
+	__u64 covered = start;
+	int prot = -1, ok = 1;
+	FILE *f;
+
+	snprintf(name, sizeof(name), "/proc/%d/maps", tid);
+	f = fopen(name, "re");
+	if (!f)
+		return -1;
+	while (ok && covered < end && getline(&line, &cap, f) > 0) {
+		unsigned long lo, hi, ino;
+		char perms[5], *path;
+		int off = 0, p;
+
+		if (sscanf(line, "%lx-%lx %4s %*s %*s %lu %n", &lo, &hi, perms, &ino, &off) < 4 || !off)
+			continue;
+		if (hi <= covered)
+			continue;
+		path = line + off;
+		path[strcspn(path, "\n")] = '\0';
+		p = (perms[0] == 'r' ? PROT_READ : 0) | (perms[1] == 'w' ? PROT_WRITE : 0) |
+		    (perms[2] == 'x' ? PROT_EXEC : 0);
+		ok = lo <= covered && ino == 0 && perms[3] == 'p' && (p & PROT_READ) &&
+		     (!*path || strncmp(path, "[anon:", 6) == 0) && (prot < 0 || p == prot);
+		prot = p;
+		covered = hi;
+	}
+	free(line);
+	fclose(f);
+	return ok && covered >= end ? prot : -1;
+}
+
+/* Ranges not to try again: (process, start, size). */
+#define MAX_FAILED 64
+static struct { pid_t tgid; __u64 start, size; } failed[MAX_FAILED];
+static unsigned int n_failed;
+
+static int failed_before(pid_t tgid, __u64 start, __u64 size)
+{
+	unsigned int i;
+
+	for (i = 0; i < n_failed && i < MAX_FAILED; i++)
+		if (failed[i].tgid == tgid && failed[i].start == start && failed[i].size == size)
+			return 1;
+	return 0;
+}
+
+static void remember_failure(pid_t tgid, __u64 start, __u64 size)
+{
+	unsigned int i = n_failed++ % MAX_FAILED;
+
+	failed[i].tgid = tgid;
+	failed[i].start = start;
+	failed[i].size = size;
+}
+
+/* The threads of the process being converted. */
+struct thread {
+	pid_t tid;
+	int stopped;    /* in a ptrace-stop */
+	int gone;       /* exited, or no longer ours to wait for */
+	int sig;        /* a signal it stopped to receive, held until the detach */
+};
+struct world {
+	pid_t tgid;
+	struct thread *t;
+	int n, cap;
+};
+
+static struct thread *world_find(struct world *w, pid_t tid)
+{
+	int i;
+
+	for (i = 0; i < w->n; i++)
+		if (w->t[i].tid == tid)
+			return &w->t[i];
+	return NULL;
+}
+
+/* PTRACE_SEIZE the threads of w->tgid not seized yet; how many, or -errno. */
+static int seize_new(struct world *w)
+{
+	char name[64];
+	struct dirent *e;
+	int added = 0, err = 0;
+	DIR *d;
+
+	snprintf(name, sizeof(name), "/proc/%d/task", w->tgid);
+	d = opendir(name);
+	if (!d)
+		return -errno;
+	while (!err && (e = readdir(d))) {
+		pid_t tid = (pid_t)atoi(e->d_name);
+
+		if (tid <= 0 || world_find(w, tid))
+			continue;
+		if (w->n == w->cap) {
+			int cap = w->cap ? 2 * w->cap : 16;
+			struct thread *t = realloc(w->t, cap * sizeof(*t));
+
+			if (!t) {
+				err = -ENOMEM;
+				break;
+			}
+			w->t = t;
+			w->cap = cap;
+		}
+		/* EXITKILL: a program left stopped with injected registers is worse than none */
+		if (ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL) < 0) {
+			if (errno != ESRCH)             /* ESRCH: it exited meanwhile */
+				err = -errno;
+			continue;
+		}
+		w->t[w->n++] = (struct thread){ .tid = tid };
+		added++;
+	}
+	closedir(d);
+	return err ? err : added;
+}
+
+static int past(const struct timespec *deadline)
+{
+	struct timespec now;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return now.tv_sec > deadline->tv_sec ||
+	       (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
+}
+
+/* Wait until t is in a ptrace-stop or gone: 0, or -ETIMEDOUT at the deadline. */
+static int wait_stopped(struct thread *t, const struct timespec *deadline)
+{
+	const struct timespec tick = { 0, 200000 };
+
+	while (!t->stopped && !t->gone) {
+		int st;
+		pid_t r = waitpid(t->tid, &st, __WALL | WNOHANG);
+
+		if (r == t->tid) {
+			if (WIFSTOPPED(st)) {
+				if ((st >> 16) != PTRACE_EVENT_STOP)   /* a signal-delivery-stop */
+					t->sig = WSTOPSIG(st);
+				t->stopped = 1;
+			} else {
+				note_exit(t->tid, st);
+				t->gone = 1;
+			}
+		} else if (r < 0 && errno != EINTR) {
+			t->gone = 1;
+		} else if (r == 0) {
+			if (past(deadline))
+				return -ETIMEDOUT;
+			nanosleep(&tick, NULL);
+		}
+	}
+	return 0;
+}
+
+static void deadline_in(struct timespec *d, int ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, d);
+	d->tv_sec += ms / 1000;
+	d->tv_nsec += (long)(ms % 1000) * 1000000;
+	if (d->tv_nsec >= 1000000000) {
+		d->tv_sec++;
+		d->tv_nsec -= 1000000000;
+	}
+}
+
+/* Stop every thread of the process, including those it starts meanwhile. */
+static int stop_world(struct world *w)
+{
+	struct timespec deadline;
+	int i, r, rounds;
+
+	deadline_in(&deadline, 2000);
+	for (rounds = 0; rounds < 64; rounds++) {
+		for (i = 0; i < w->n; i++)
+			if (!w->t[i].stopped && !w->t[i].gone && ptrace(PTRACE_INTERRUPT, w->t[i].tid, 0, 0) < 0 &&
+			    errno == ESRCH)
+				w->t[i].gone = 1;
+		for (i = 0; i < w->n; i++)
+			if (wait_stopped(&w->t[i], &deadline) < 0)
+				return -ETIMEDOUT;
+		r = seize_new(w);                   /* threads cloned before their creator stopped */
+		if (r <= 0)
+			return r;
+	}
+	return -EAGAIN;
+}
+
+/* Let every thread go.  A thread seized but never stopped must be stopped first
+ * (PTRACE_DETACH needs a stopped tracee).  Held signals go to the threads again:
+ * through the detach for a thread in its signal-delivery-stop, else with tgkill
+ * (keep: the thread whose registers we set). */
+static void detach_world(struct world *w, pid_t keep)
+{
+	struct timespec deadline;
+	int i;
+
+	deadline_in(&deadline, 2000);
+	for (i = 0; i < w->n; i++) {
+		struct thread *t = &w->t[i];
+
+		if (t->gone)
+			continue;
+		if (!t->stopped) {
+			ptrace(PTRACE_INTERRUPT, t->tid, 0, 0);
+			if (wait_stopped(t, &deadline) < 0)
+				warn("thread %d does not stop: it stays traced", t->tid);
+			if (!t->stopped)
+				continue;
+		}
+		if (ptrace(PTRACE_DETACH, t->tid, 0, t->tid == keep ? 0 : t->sig) < 0 && errno != ESRCH)
+			warn("PTRACE_DETACH %d: %s", t->tid, strerror(errno));
+		if (t->tid == keep && t->sig)
+			syscall(SYS_tgkill, w->tgid, t->tid, t->sig);
+	}
+	free(w->t);
+	w->t = NULL;
+	w->n = w->cap = 0;
+}
+
+/* Run one syscall in the stopped thread t, at insn (a `syscall` instruction),
+ * the other registers from base.  Its result, or -errno of ptrace. */
+static long inject(struct thread *t, const struct user_regs_struct *base, __u64 insn, long nr,
+		   __u64 a0, __u64 a1, __u64 a2, __u64 a3, __u64 a4, __u64 a5)
+{
+	struct user_regs_struct r = *base;
+	int st, stops = 0;
+
+	r.rax = nr;
+	r.orig_rax = -1;                    /* no syscall restart on the way back to user mode */
+	r.rip = insn;
+	r.rdi = a0;
+	r.rsi = a1;
+	r.rdx = a2;
+	r.r10 = a3;
+	r.r8 = a4;
+	r.r9 = a5;
+	if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0)
+		return -errno;
+	while (stops < 2) {                 /* the syscall's entry and exit stops */
+		if (ptrace(PTRACE_SYSCALL, t->tid, 0, 0) < 0)
+			return -errno;
+		while (waitpid(t->tid, &st, __WALL) < 0)
+			if (errno != EINTR)
+				return -errno;
+		if (!WIFSTOPPED(st)) {
+			note_exit(t->tid, st);
+			t->gone = 1;
+			return -ESRCH;
+		}
+		if (WSTOPSIG(st) == (SIGTRAP | 0x80))
+			stops++;
+		else if ((st >> 16) == 0)
+			t->sig = WSTOPSIG(st);      /* a signal: held (PTRACE_SYSCALL with 0 drops it) */
+	}
+	if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0)
+		return -errno;
+	return (long)r.rax;
+}
+
+/* The PFN of the shared zero page (pages only read, never written, map it), or 0
+ * when pagemap hides PFNs from us (without CAP_SYS_ADMIN). */
+static __u64 zero_pfn(void)
+{
+	static int known;
+	static __u64 pfn;
+	long page = sysconf(_SC_PAGESIZE);
+	volatile char *p;
+	__u64 e;
+	int fd;
+
+	if (known)
+		return pfn;
+	known = 1;
+	p = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED)
+		return 0;
+	(void)p[0];
+	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd >= 0 && pread(fd, &e, sizeof(e), (off_t)((uintptr_t)p / page) * 8) == sizeof(e) && (e >> 63))
+		pfn = e & ((1ULL << 55) - 1);
+	if (fd >= 0)
+		close(fd);
+	munmap((void *)p, page);
+	return pfn;
+}
+
+/* Copy the pages of [start, start+size) of the stopped process that hold data
+ * (present, or swapped out) to dst.  0, or -errno. */
+static int copy_present(pid_t tgid, __u64 start, __u64 size, unsigned char *dst, __u64 *copied)
+{
+	const __u64 page = (__u64)sysconf(_SC_PAGESIZE), zero = zero_pfn();
+	__u64 npages = size / page, i, run = 0, nrun = 0, e[512];
+	char name[64];
+	int fd, err = 0;
+
+	snprintf(name, sizeof(name), "/proc/%d/pagemap", tgid);
+	fd = open(name, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	for (i = 0; i <= npages && !err; i++) {
+		int data = 0;
+
+		if (i < npages) {
+			if (i % 512 == 0) {
+				size_t want = (npages - i < 512 ? npages - i : 512) * sizeof(e[0]);
+
+				if (pread(fd, e, want, (off_t)((start / page + i) * sizeof(e[0]))) != (ssize_t)want) {
+					err = -EIO;
+					break;
+				}
+			}
+			__u64 x = e[i % 512];
+			data = (x >> 62 & 1) || ((x >> 63 & 1) && !(zero && (x & ((1ULL << 55) - 1)) == zero));
+		}
+		if (data) {
+			if (!nrun++)
+				run = i;
+			continue;
+		}
+		while (nrun) {                  /* copy the run that ends here */
+			struct iovec l = { dst + run * page, nrun * page };
+			struct iovec r = { (void *)(uintptr_t)(start + run * page), nrun * page };
+			ssize_t n = process_vm_readv(tgid, &l, 1, &r, 1, 0);
+
+			if (n <= 0 || n % page) {
+				err = n < 0 ? -errno : -EFAULT;
+				break;
+			}
+			*copied += n / page;
+			run += n / page;
+			nrun -= n / page;
+		}
+	}
+	close(fd);
+	return err;
+}
+
+/* Is thread regs where the notification left it: interrupted in our ioctl? */
+static int in_the_call(const struct user_regs_struct *r, const struct seccomp_notif *req)
+{
+	return (long)r->rax == -512 /* ERESTARTSYS */ && r->orig_rax == (__u64)req->data.nr &&
+	       r->rip == req->data.instruction_pointer && r->rdi == req->data.args[0] &&
+	       r->rsi == req->data.args[1] && r->rdx == req->data.args[2];
+}
+
+/* Convert [start, start+size) of the notifying thread's process (the steps
+ * above).  1: converted; 0: not, and the call still waits for our answer;
+ * -1: not, and the call is gone (restarted, or left for a signal). */
+static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u64 size)
+{
+	struct world w = { .tgid = tgid };
+	struct user_regs_struct saved, r;
+	const __u64 insn = req->data.instruction_pointer - 2;
+	struct thread *t = NULL;
+	struct timespec t0, t1;
+	unsigned char code[2];
+	__u64 copied = 0;
+	void *map = MAP_FAILED;
+	int memfd, tfd, res = 0, prot, err = 0;
+	const char *why = NULL;
+	long ret;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	if (read_mem(req->pid, insn, code, 2) < 0 || code[0] != 0x0f || code[1] != 0x05)
+		return 0;                       /* not called through `syscall` */
+	memfd = (int)syscall(SYS_memfd_create, "kvmfs-guest-ram", 1U /* MFD_CLOEXEC */);
+	if (memfd < 0 || ftruncate(memfd, (off_t)size) < 0) {
+		warn("memfd of 0x%llx bytes: %s", (unsigned long long)size, strerror(errno));
+		close_keep_errno(memfd);
+		return 0;
+	}
+	err = seize_new(&w);
+	if (err < 0 || !world_find(&w, req->pid)) {
+		why = "PTRACE_SEIZE";
+		goto out;
+	}
+	tfd = addfd(req->id, memfd, 1, 0);
+	if (tfd < 0) {
+		err = tfd;
+		res = tfd == -ENOENT ? -1 : 0;
+		why = "SECCOMP_IOCTL_NOTIF_ADDFD";
+		goto out;
+	}
+	res = -1;                           /* from here on the call is interrupted */
+	err = stop_world(&w);
+	t = world_find(&w, req->pid);
+	if (t->gone || !t->stopped || ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0 ||
+	    !in_the_call(&saved, req)) {
+		t = NULL;                   /* it left the call (a signal): leave it alone */
+		if (!err)
+			err = -EINTR;
+		why = "the thread left the call";
+		goto out_fd;
+	}
+	if (err < 0) {
+		why = "stopping its threads";
+		goto out_fd;
+	}
+	prot = private_anon_prot(tgid, start, start + size);    /* again, now that it is stopped */
+	if (prot < 0) {
+		err = -EAGAIN;
+		why = "the range changed";
+		goto out_fd;
+	}
+	map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, memfd, 0);
+	if (map == MAP_FAILED) {
+		err = -errno;
+		why = "mmap of the memfd";
+		goto out_fd;
+	}
+	err = copy_present(tgid, start, size, map, &copied);
+	if (err < 0) {
+		why = "copying";
+		goto out_fd;
+	}
+	ret = inject(t, &saved, insn, __NR_mmap, start, size, (__u64)prot, MAP_SHARED | MAP_FIXED,
+		     (__u64)tfd, 0);
+	if (ret != (long)start) {
+		err = ret < 0 ? (int)ret : -EFAULT;
+		why = "the injected mmap";
+		goto out_fd;
+	}
+	res = 1;
+out_fd:
+	if (t) {
+		ret = inject(t, &saved, insn, __NR_close, (__u64)tfd, 0, 0, 0, 0, 0);
+		if (ret < 0)
+			warn("pid %d: the injected close(%d): %s", tgid, tfd, strerror((int)-ret));
+	} else {
+		warn("pid %d: fd %d (a memfd) stays open in it", tgid, tfd);
+	}
+	if (t && !t->gone) {
+		r = saved;                  /* what the kernel's restart would make of it */
+		r.rax = saved.orig_rax;
+		r.rip = insn;
+		r.orig_rax = -1;
+		if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0)
+			warn("pid %d: restoring thread %d: %s", tgid, t->tid, strerror(errno));
+	}
+out:
+	detach_world(&w, t ? t->tid : 0);
+	if (map != MAP_FAILED)
+		munmap(map, size);
+	close(memfd);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	if (res == 1)
+		debug("pid %d: converted 0x%llx-0x%llx to shared memory (%llu pages copied) in %.1f ms",
+		      tgid, (unsigned long long)start, (unsigned long long)(start + size),
+		      (unsigned long long)copied,
+		      (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6);
+	else {
+		remember_failure(tgid, start, size);
+		warn("pid %d: guest memory 0x%llx-0x%llx stays private (%s: %s); the daemon cannot "
+		     "map it", tgid, (unsigned long long)start, (unsigned long long)(start + size),
+		     why ? why : "?", strerror(-err));
+	}
+	return res;
+}
+
+/* KVM_SET_USER_MEMORY_REGION(2): convert private anonymous memory, then let the
+ * daemon have the call. */
 static void handle_memslot(struct seccomp_notif *req)
 {
-	reply_continue(req->id);
+	const __u64 page = (__u64)sysconf(_SC_PAGESIZE);
+	pid_t tid = req->pid, tgid;
+	char file[PATH_MAX];
+	struct {                                /* the common head of both structs */
+		__u32 slot, flags;
+		__u64 guest_phys_addr, memory_size, userspace_addr;
+	} m;
+	int r;
+
+	if (!convert_ram) {
+		reply_continue(req->id);
+		return;
+	}
+	r = kvmfs_file_of(tid, (int)req->data.args[0], file, sizeof(file));
+	if (r <= 0) {
+		if (r != -ESRCH)
+			reply_continue(req->id);
+		return;
+	}
+	if (read_mem(tid, req->data.args[2], &m, sizeof(m)) < 0 || !m.memory_size ||
+	    (m.flags & KVM_MEM_GUEST_MEMFD) || ((m.userspace_addr | m.memory_size) & (page - 1)) ||
+	    m.userspace_addr + m.memory_size < m.userspace_addr ||
+	    (tgid = tgid_of(tid)) < 0 || failed_before(tgid, m.userspace_addr, m.memory_size) ||
+	    private_anon_prot(tid, m.userspace_addr, m.userspace_addr + m.memory_size) < 0) {
+		reply_continue(req->id);        /* shared already, or the daemon answers */
+		return;
+	}
+	if (!id_valid(req->id))
+		return;
+	if (convert(req, tgid, m.userspace_addr, m.memory_size) == 0)
+		reply_continue(req->id);
+	/* else: the thread issues the call again, or has left it */
 }
 
 /* --- one notification --------------------------------------------------------------- */
@@ -853,7 +1405,7 @@ static const int relayed[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR
 
 static int supervise(pid_t pid, int sfd)
 {
-	int status = 0, reaped = 0, hup = 0, pidfd;
+	int hup = 0, pidfd;
 	struct seccomp_notif *req = malloc(sizes.seccomp_notif);
 
 	if (!req) {
@@ -861,13 +1413,13 @@ static int supervise(pid_t pid, int sfd)
 		return EXIT_SETUP;
 	}
 	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
-	while (!(reaped && hup)) {
+	while (!(child_reaped && hup)) {
 		struct pollfd p[3] = {
 			{ .fd = hup ? -1 : listener, .events = POLLIN },
-			{ .fd = reaped ? -1 : pidfd, .events = POLLIN },
+			{ .fd = child_reaped ? -1 : pidfd, .events = POLLIN },
 			{ .fd = sfd, .events = POLLIN },
 		};
-		int n = poll(p, 3, pidfd < 0 && !reaped ? 100 : -1);
+		int n = poll(p, 3, pidfd < 0 && !child_reaped ? 100 : -1);
 
 		if (n < 0) {
 			if (errno == EINTR)
@@ -878,15 +1430,18 @@ static int supervise(pid_t pid, int sfd)
 		if (p[2].revents & POLLIN) {
 			struct signalfd_siginfo si;
 
-			if (read(sfd, &si, sizeof(si)) == sizeof(si) && !reaped &&
+			if (read(sfd, &si, sizeof(si)) == sizeof(si) && !child_reaped &&
 			    si.ssi_code != SI_KERNEL)
 				kill(pid, (int)si.ssi_signo);
 		}
-		if (!reaped && (pidfd < 0 || (p[1].revents & POLLIN))) {
-			pid_t w = waitpid(pid, &status, WNOHANG);
+		if (!child_reaped && (pidfd < 0 || (p[1].revents & POLLIN))) {
+			int st;
+			pid_t w = waitpid(pid, &st, WNOHANG);
 
-			if (w == pid || (w < 0 && errno == ECHILD))
-				reaped = 1;
+			if (w == pid && (WIFEXITED(st) || WIFSIGNALED(st)))
+				note_exit(pid, st);
+			else if (w < 0 && errno == ECHILD)
+				child_reaped = 1;   /* reaped by a wait of the conversion */
 		}
 		if (p[0].revents & POLLIN) {
 			memset(req, 0, sizes.seccomp_notif);
@@ -896,22 +1451,28 @@ static int supervise(pid_t pid, int sfd)
 				warn("SECCOMP_IOCTL_NOTIF_RECV: %s", strerror(errno));
 		} else if (p[0].revents & (POLLHUP | POLLERR)) {
 			hup = 1;                /* no process uses the filter any more */
-			if (!reaped && waitpid(pid, &status, 0) == pid)
-				reaped = 1;
-			reaped = 1;
+			while (!child_reaped) {
+				int st;
+				pid_t w = waitpid(pid, &st, 0);
+
+				if (w == pid && (WIFEXITED(st) || WIFSIGNALED(st)))
+					note_exit(pid, st);
+				else if (w < 0 && errno != EINTR)
+					child_reaped = 1;
+			}
 		}
 	}
 	free(req);
 	if (pidfd >= 0)
 		close(pidfd);
-	if (WIFSIGNALED(status))
-		return 128 + WTERMSIG(status);
-	return WEXITSTATUS(status);
+	if (WIFSIGNALED(child_status))
+		return 128 + WTERMSIG(child_status);
+	return WEXITSTATUS(child_status);
 }
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: " PROG " --mount MNT [--dev PATH]... [-v] -- PROGRAM [ARGS...]\n"
+	fprintf(stderr, "usage: " PROG " --mount MNT [--dev PATH]... [--no-convert] [-v] -- PROGRAM [ARGS...]\n"
 		"Runs PROGRAM with /dev/kvm (and each --dev PATH) opening MNT/kvm, a kvmfs mount.\n");
 	exit(EXIT_SETUP);
 }
@@ -955,6 +1516,8 @@ int main(int argc, char **argv)
 			add_dev(argv[++i]);
 		} else if (strncmp(argv[i], "--dev=", 6) == 0) {
 			add_dev(argv[i] + 6);
+		} else if (strcmp(argv[i], "--no-convert") == 0) {
+			convert_ram = 0;
 		} else if (strcmp(argv[i], "-v") == 0 || strcmp(argv[i], "--verbose") == 0) {
 			verbose = 1;
 		} else if (argv[i][0] == '-') {
@@ -1004,7 +1567,9 @@ int main(int argc, char **argv)
 		close(sv[0]);
 		child(sv[1], argv + i, &old);
 	}
+	child_pid = pid;
 	close(sv[1]);
+	signal(SIGPIPE, SIG_IGN);            /* stderr gone: the supervisor keeps going */
 	sfd = signalfd(-1, &set, SFD_CLOEXEC);
 	listener = recv_fd(sv[0]);
 	close(sv[0]);
