@@ -87,6 +87,7 @@
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/signalfd.h>
+#include <linux/falloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -157,7 +158,10 @@ static char mnt_kvm[PATH_MAX + 8];   /* MNT/kvm */
 static char *devs[MAX_DEVS + 1];     /* target-view paths that mean /dev/kvm, normalised */
 static int n_devs;
 static int verbose;
+static int convert_ram = 1;          /* --no-convert: leave private guest RAM alone */
+static int mmu_notify = 1;           /* --no-mmu-notify: do not trap munmap and the like */
 static int listener = -1;
+static int chld_fd = -1;             /* a signalfd for SIGCHLD: tracee stops wake us */
 static struct seccomp_notif_sizes sizes;
 
 static void warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -193,11 +197,13 @@ static void close_keep_errno(int fd)
 
 /* --- the filter ------------------------------------------------------------------- */
 #define MAX_FILTER 64
+enum { L_ALLOW, L_NOTIFY, L_MMAP, N_LABELS };
 struct bpf {
 	struct sock_filter insn[MAX_FILTER];
 	unsigned int n;
-	unsigned int to_notify[MAX_FILTER];  /* jumps to patch: insn index */
-	unsigned int n_notify;
+	struct { unsigned int at; int label; int on_true; } fix[MAX_FILTER];
+	unsigned int n_fix;
+	unsigned int label_at[N_LABELS];
 };
 
 static void emit(struct bpf *b, struct sock_filter f)
@@ -209,41 +215,71 @@ static void emit(struct bpf *b, struct sock_filter f)
 	b->insn[b->n++] = f;
 }
 
-/* if A == k: goto NOTIFY (patched once the program's end is known) */
-static void jeq_notify(struct bpf *b, unsigned int k)
+/* A conditional jump to a label (on_true: when the test holds, else when not). */
+static void jump(struct bpf *b, unsigned short op, unsigned int k, int label, int on_true)
 {
-	b->to_notify[b->n_notify++] = b->n;
-	emit(b, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, k, 0, 0));
+	b->fix[b->n_fix].at = b->n;
+	b->fix[b->n_fix].label = label;
+	b->fix[b->n_fix++].on_true = on_true;
+	emit(b, (struct sock_filter)BPF_JUMP(BPF_JMP | op | BPF_K, k, 0, 0));
+}
+
+static void load(struct bpf *b, unsigned int offset)
+{
+	emit(b, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offset));
+}
+
+static void ret(struct bpf *b, unsigned int action)
+{
+	emit(b, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, action));
 }
 
 static void build_filter(struct bpf *b)
 {
-	unsigned int i, ioctl_jump, allow, notify;
+	unsigned int i;
 
 	memset(b, 0, sizeof(*b));
-	emit(b, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)));
+	load(b, offsetof(struct seccomp_data, arch));
 	emit(b, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0));
-	emit(b, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS));
-	emit(b, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)));
-	jeq_notify(b, __NR_openat);
-	jeq_notify(b, __NR_open);
-	jeq_notify(b, __NR_openat2);
-	ioctl_jump = b->n;                        /* if nr != ioctl: goto ALLOW */
-	emit(b, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_ioctl, 0, 0));
+	ret(b, SECCOMP_RET_KILL_PROCESS);
+	load(b, offsetof(struct seccomp_data, nr));
+	jump(b, BPF_JEQ, __NR_openat, L_NOTIFY, 1);
+	jump(b, BPF_JEQ, __NR_open, L_NOTIFY, 1);
+	jump(b, BPF_JEQ, __NR_openat2, L_NOTIFY, 1);
+	if (mmu_notify) {
+		jump(b, BPF_JEQ, __NR_munmap, L_NOTIFY, 1);
+		jump(b, BPF_JEQ, __NR_mremap, L_NOTIFY, 1);
+		jump(b, BPF_JEQ, __NR_mprotect, L_NOTIFY, 1);
+		jump(b, BPF_JEQ, __NR_pkey_mprotect, L_NOTIFY, 1);
+		jump(b, BPF_JEQ, __NR_madvise, L_NOTIFY, 1);
+		jump(b, BPF_JEQ, __NR_mmap, L_MMAP, 1);
+	}
+	jump(b, BPF_JEQ, __NR_ioctl, L_ALLOW, 0);
 	/* cmd is an unsigned int: the low word of args[1] (little endian) */
-	emit(b, (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[1])));
+	load(b, offsetof(struct seccomp_data, args[1]));
 	for (i = 0; i < N_FD_IOCTLS; i++)
 		if (fd_ioctls[i].child)
-			jeq_notify(b, fd_ioctls[i].cmd);
+			jump(b, BPF_JEQ, fd_ioctls[i].cmd, L_NOTIFY, 1);
 	for (i = 0; i < N_MEMSLOT_IOCTLS; i++)
-		jeq_notify(b, memslot_ioctls[i]);
-	allow = b->n;
-	emit(b, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
-	notify = b->n;
-	emit(b, (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF));
-	b->insn[ioctl_jump].jf = allow - ioctl_jump - 1;
-	for (i = 0; i < b->n_notify; i++)
-		b->insn[b->to_notify[i]].jt = notify - b->to_notify[i] - 1;
+		jump(b, BPF_JEQ, memslot_ioctls[i], L_NOTIFY, 1);
+	b->label_at[L_ALLOW] = b->n;
+	ret(b, SECCOMP_RET_ALLOW);
+	if (mmu_notify) {                   /* mmap: only MAP_FIXED replaces a mapping */
+		b->label_at[L_MMAP] = b->n;
+		load(b, offsetof(struct seccomp_data, args[3]));
+		jump(b, BPF_JSET, MAP_FIXED, L_NOTIFY, 1);
+		ret(b, SECCOMP_RET_ALLOW);
+	}
+	b->label_at[L_NOTIFY] = b->n;
+	ret(b, SECCOMP_RET_USER_NOTIF);
+	for (i = 0; i < b->n_fix; i++) {
+		unsigned int off = b->label_at[b->fix[i].label] - b->fix[i].at - 1;
+
+		if (b->fix[i].on_true)
+			b->insn[b->fix[i].at].jt = (unsigned char)off;
+		else
+			b->insn[b->fix[i].at].jf = (unsigned char)off;
+	}
 }
 
 /* --- replies ---------------------------------------------------------------------- */
@@ -731,45 +767,28 @@ fail:
 		reply_error(req->id, -r);
 }
 
-/* --- memslots: private anonymous guest RAM, converted in place -----------------------
- * The daemon maps the VMM's memory through /proc/PID/map_files, which works for
- * shared memory only.  Private anonymous memory (Firecracker's, kvmtool's,
- * QEMU's default) is converted before the slot is made, inside the stopped
- * program, so that the program keeps its addresses and contents:
- *
- *   1. the target's fd is a kvmfs file, the range is page-aligned and wholly
- *      private anonymous memory (no file, not [heap]/[stack]) of one protection;
- *   2. every thread of the process is PTRACE_SEIZEd (no stop yet: this only
- *      checks that we may), a memfd of the range's size is made here and
- *      installed into the target with ADDFD (without SEND: the call stays pending);
- *   3. every thread is stopped with PTRACE_INTERRUPT.  The notifying thread's
- *      wait for our answer is interruptible: it leaves it with -ERESTARTSYS (the
- *      notification is gone, a reply would get ENOENT) and stops in
- *      get_signal(), before the restart logic, with rax = -ERESTARTSYS,
- *      orig_rax = __NR_ioctl and rip after its `syscall` instruction;
- *   4. with the process stopped, the pages present or swapped out per
- *      /proc/PID/pagemap (not the shared zero page) are copied once,
- *      process_vm_readv straight into our mapping of the memfd;
- *   5. through that thread's own `syscall` instruction (rip - 2) we run
- *      mmap(addr, len, prot, MAP_SHARED|MAP_FIXED, fd, 0) and close(fd), each
- *      with PTRACE_SYSCALL to its entry and exit stops;
- *   6. the thread's registers are set to what the kernel's restart would give
- *      (rip - 2, rax = __NR_ioctl), every thread is detached, and the thread
- *      issues KVM_SET_USER_MEMORY_REGION again: a new notification, which now
- *      finds shared memory and is CONTINUEd to the daemon.
- * Signals that arrive meanwhile are held and sent again after the detach.  A
- * range whose conversion failed is not tried again (its slot then fails at
- * first use, as without conversion).
- * Differences the program can see afterwards: the range is MAP_SHARED, so a
- * child forked later shares it instead of copying it, and MADV_DONTNEED no
- * longer zeroes it (the pages stay in the memfd).  Not converted: hugetlb
- * (MAP_HUGETLB) and private file mappings (snapshots), ranges with holes or
- * mixed protections.  The injected mmap and close meet the program's own
- * seccomp filters, if it installed some before creating its memslots.
+/* --- ptrace: stopping threads and making calls inside them --------------------------
+ * The conversion of guest RAM and the MMU notifications below act on a thread
+ * that waits in a notification.  What they rely on (x86-64):
+ *   - that wait is interruptible: PTRACE_INTERRUPT makes the thread leave it with
+ *     -ERESTARTSYS (the notification is gone: a reply gets ENOENT) and stop in
+ *     get_signal(), before the restart logic, with rax = -ERESTARTSYS, orig_rax =
+ *     the syscall and rip after its `syscall` instruction;
+ *   - from there a syscall runs through that instruction (rip - 2): registers set
+ *     with orig_rax = -1 (no restart logic on the way out), then PTRACE_SYSCALL to
+ *     its entry and to its exit stop;
+ *   - the thread is then put where the kernel's restart would have put it (rip - 2,
+ *     rax = the syscall: it makes the call again, which is a new notification), or
+ *     past the call with a result in rax;
+ *   - an injected call meets the filter like any other: if it is one we trap, its
+ *     notification is answered CONTINUE while we wait for it, and notifications of
+ *     other threads that arrive meanwhile are kept for the main loop.
+ * Signals a stopped thread would have taken are held and sent again after the
+ * detach.  Threads are seized with PTRACE_O_EXITKILL: a program left stopped, or
+ * with changed registers, by a supervisor that died is worse than none.
  */
 static pid_t child_pid;
 static int child_status, child_reaped;
-static int convert_ram = 1;          /* --no-convert: leave private memory alone */
 
 /* A wait for a thread we trace may see our child's end: keep it for supervise(). */
 static void note_exit(pid_t pid, int status)
@@ -779,6 +798,371 @@ static void note_exit(pid_t pid, int status)
 		child_reaped = 1;
 	}
 }
+
+/* Notifications received while a call was injected, for the main loop. */
+struct pending {
+	struct pending *next;
+	struct seccomp_notif req;           /* sizes.seccomp_notif bytes */
+};
+static struct pending *deferred, **deferred_tail = &deferred;
+
+/* Receive a notification: the injected call `nr` of thread tid is CONTINUEd, any
+ * other kept. */
+static void take_notification(pid_t tid, long nr)
+{
+	struct pending *p = calloc(1, offsetof(struct pending, req) + sizes.seccomp_notif);
+
+	if (!p)
+		return;
+	if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, &p->req) < 0) {
+		free(p);
+		return;
+	}
+	if (p->req.pid == (__u32)tid && p->req.data.nr == nr) {
+		reply_continue(p->req.id);
+		free(p);
+		return;
+	}
+	*deferred_tail = p;
+	deferred_tail = &p->next;
+}
+
+static struct pending *next_deferred(void)
+{
+	struct pending *p = deferred;
+
+	if (p) {
+		deferred = p->next;
+		if (!deferred)
+			deferred_tail = &deferred;
+	}
+	return p;
+}
+
+static void deadline_in(struct timespec *d, int ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, d);
+	d->tv_sec += ms / 1000;
+	d->tv_nsec += (long)(ms % 1000) * 1000000;
+	if (d->tv_nsec >= 1000000000) {
+		d->tv_sec++;
+		d->tv_nsec -= 1000000000;
+	}
+}
+
+static int ms_until(const struct timespec *d)
+{
+	struct timespec now;
+	long ms;
+
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	ms = (d->tv_sec - now.tv_sec) * 1000 + (d->tv_nsec - now.tv_nsec) / 1000000;
+	return ms < 0 ? 0 : ms > 60000 ? 60000 : (int)ms + 1;
+}
+
+/* waitpid(tid, __WALL), sleeping on SIGCHLD, until the deadline (NULL: none).
+ * While an injected call `nr` runs (nr >= 0), its notification is answered.
+ * 1: *st is set; 0: timed out; -errno. */
+static int wait_tracee(pid_t tid, int *st, const struct timespec *deadline, long nr)
+{
+	for (;;) {
+		struct pollfd p[2] = { { chld_fd, POLLIN, 0 }, { nr >= 0 ? listener : -1, POLLIN, 0 } };
+		struct signalfd_siginfo si;
+		int timeout = -1;
+		pid_t r = waitpid(tid, st, __WALL | WNOHANG);
+
+		if (r == tid)
+			return 1;
+		if (r < 0 && errno != EINTR)
+			return -errno;
+		if (deadline) {
+			timeout = ms_until(deadline);
+			if (timeout <= 1 && ms_until(deadline) <= 0)
+				return 0;
+		}
+		if (chld_fd < 0 && (timeout < 0 || timeout > 1))
+			timeout = 1;            /* no signalfd: poll the wait */
+		if (poll(p, 2, timeout) < 0 && errno != EINTR)
+			return -errno;
+		while (chld_fd >= 0 && read(chld_fd, &si, sizeof(si)) == sizeof(si))
+			;
+		if (p[1].revents & POLLIN)
+			take_notification(tid, nr);
+	}
+}
+
+/* The threads we trace, all of one process. */
+struct thread {
+	pid_t tid;
+	int stopped;    /* in a ptrace-stop */
+	int gone;       /* exited, or no longer ours to wait for */
+	int sig;        /* a signal it stopped to take, held until the detach */
+};
+struct world {
+	pid_t tgid;
+	struct thread *t;
+	int n, cap;
+};
+
+static struct thread *world_find(struct world *w, pid_t tid)
+{
+	int i;
+
+	for (i = 0; i < w->n; i++)
+		if (w->t[i].tid == tid)
+			return &w->t[i];
+	return NULL;
+}
+
+/* PTRACE_SEIZE one thread into w: 1, 0 if it is gone already, or -errno. */
+static int world_seize(struct world *w, pid_t tid)
+{
+	if (w->n == w->cap) {
+		int cap = w->cap ? 2 * w->cap : 16;
+		struct thread *t = realloc(w->t, cap * sizeof(*t));
+
+		if (!t)
+			return -ENOMEM;
+		w->t = t;
+		w->cap = cap;
+	}
+	if (ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL) < 0)
+		return errno == ESRCH ? 0 : -errno;
+	w->t[w->n++] = (struct thread){ .tid = tid };
+	return 1;
+}
+
+/* Seize the threads of w->tgid not seized yet: how many, or -errno. */
+static int seize_new(struct world *w)
+{
+	char name[64];
+	struct dirent *e;
+	int added = 0, r = 0;
+	DIR *d;
+
+	snprintf(name, sizeof(name), "/proc/%d/task", w->tgid);
+	d = opendir(name);
+	if (!d)
+		return -errno;
+	while (r >= 0 && (e = readdir(d))) {
+		pid_t tid = (pid_t)atoi(e->d_name);
+
+		if (tid > 0 && !world_find(w, tid) && (r = world_seize(w, tid)) > 0)
+			added++;
+	}
+	closedir(d);
+	return r < 0 ? r : added;
+}
+
+/* Wait until t is in a ptrace-stop or gone: 0, or -ETIMEDOUT at the deadline. */
+static int wait_stopped(struct thread *t, const struct timespec *deadline)
+{
+	while (!t->stopped && !t->gone) {
+		int st, r = wait_tracee(t->tid, &st, deadline, -1);
+
+		if (r == 0)
+			return -ETIMEDOUT;
+		if (r < 0) {
+			t->gone = 1;            /* ECHILD: not ours to wait for any more */
+		} else if (WIFSTOPPED(st)) {
+			if ((st >> 16) != PTRACE_EVENT_STOP)   /* a signal-delivery-stop */
+				t->sig = WSTOPSIG(st);
+			t->stopped = 1;
+		} else {
+			note_exit(t->tid, st);
+			t->gone = 1;
+		}
+	}
+	return 0;
+}
+
+static int interrupt_and_wait(struct thread *t, const struct timespec *deadline)
+{
+	if (!t->stopped && !t->gone && ptrace(PTRACE_INTERRUPT, t->tid, 0, 0) < 0 && errno == ESRCH)
+		t->gone = 1;
+	return wait_stopped(t, deadline);
+}
+
+/* Stop every thread of the process, those it starts meanwhile included. */
+static int stop_world(struct world *w)
+{
+	struct timespec deadline;
+	int i, r, rounds;
+
+	deadline_in(&deadline, 2000);
+	for (rounds = 0; rounds < 64; rounds++) {
+		for (i = 0; i < w->n; i++)
+			if (!w->t[i].stopped && !w->t[i].gone && ptrace(PTRACE_INTERRUPT, w->t[i].tid, 0, 0) < 0 &&
+			    errno == ESRCH)
+				w->t[i].gone = 1;
+		for (i = 0; i < w->n; i++)
+			if (wait_stopped(&w->t[i], &deadline) < 0)
+				return -ETIMEDOUT;
+		r = seize_new(w);                   /* threads cloned before their creator stopped */
+		if (r <= 0)
+			return r;
+	}
+	return -EAGAIN;
+}
+
+/* Let every thread go.  A thread seized but not stopped is stopped first
+ * (PTRACE_DETACH needs a stopped tracee).  Held signals are sent again: through
+ * the detach for a thread in its signal-delivery-stop, else (keep: the thread
+ * whose registers we set) with tgkill. */
+static void detach_world(struct world *w, pid_t keep)
+{
+	struct timespec deadline;
+	int i;
+
+	deadline_in(&deadline, 2000);
+	for (i = 0; i < w->n; i++) {
+		struct thread *t = &w->t[i];
+
+		if (!t->gone && !t->stopped && interrupt_and_wait(t, &deadline) < 0)
+			warn("thread %d does not stop: it stays traced", t->tid);
+		if (t->gone || !t->stopped)
+			continue;
+		if (ptrace(PTRACE_DETACH, t->tid, 0, t->tid == keep ? 0 : t->sig) < 0 && errno != ESRCH)
+			warn("PTRACE_DETACH %d: %s", t->tid, strerror(errno));
+		if (t->tid == keep && t->sig)
+			syscall(SYS_tgkill, w->tgid, t->tid, t->sig);
+	}
+	free(w->t);
+	w->t = NULL;
+	w->n = w->cap = 0;
+}
+
+/* Run syscall nr(a[0..5]) in the stopped thread t, at insn (a `syscall`
+ * instruction), the other registers from base.  0 and *result, or -errno of ptrace. */
+static int inject(struct thread *t, const struct user_regs_struct *base, __u64 insn, long nr,
+		  const __u64 a[6], long *result)
+{
+	struct user_regs_struct r = *base;
+	int st, stops = 0, w;
+
+	r.rax = nr;
+	r.orig_rax = -1;                    /* no syscall restart on the way back to user mode */
+	r.rip = insn;
+	r.rdi = a[0];
+	r.rsi = a[1];
+	r.rdx = a[2];
+	r.r10 = a[3];
+	r.r8 = a[4];
+	r.r9 = a[5];
+	if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0)
+		return -errno;
+	while (stops < 2) {                 /* the syscall's entry and exit stops */
+		if (ptrace(PTRACE_SYSCALL, t->tid, 0, 0) < 0)
+			return -errno;
+		w = wait_tracee(t->tid, &st, NULL, nr);
+		if (w < 0)
+			return w;
+		if (!WIFSTOPPED(st)) {
+			note_exit(t->tid, st);
+			t->gone = 1;
+			return -ESRCH;
+		}
+		if (WSTOPSIG(st) == (SIGTRAP | 0x80))
+			stops++;
+		else if ((st >> 16) == 0)
+			t->sig = WSTOPSIG(st);      /* a signal: held (PTRACE_SYSCALL with 0 drops it) */
+	}
+	if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0)
+		return -errno;
+	*result = (long)r.rax;
+	return 0;
+}
+
+/* Are the registers where the notification left the thread: interrupted in it? */
+static int in_the_call(const struct user_regs_struct *r, const struct seccomp_notif *req)
+{
+	return (long)r->rax == -512 /* ERESTARTSYS */ && r->orig_rax == (__u64)req->data.nr &&
+	       r->rip == req->data.instruction_pointer && r->rdi == req->data.args[0] &&
+	       r->rsi == req->data.args[1] && r->rdx == req->data.args[2] &&
+	       r->r10 == req->data.args[3] && r->r8 == req->data.args[4] && r->r9 == req->data.args[5];
+}
+
+/* Was the call made with a `syscall` instruction (the one we run calls through)? */
+static int by_syscall_insn(const struct seccomp_notif *req)
+{
+	unsigned char code[2];
+
+	return read_mem(req->pid, req->data.instruction_pointer - 2, code, 2) == 0 &&
+	       code[0] == 0x0f && code[1] == 0x05;
+}
+
+/* Make the notifying thread's call inside it, ourselves: stopped, the same
+ * syscall with the same arguments, its result returned as the call's.
+ * 1: done (*result); 0: not (cannot trace it), the call still waits for an
+ * answer; -1: not, and the call is gone (the thread left it for a signal). */
+static int call_in_target(const struct seccomp_notif *req, pid_t tgid, long *result)
+{
+	struct world w = { .tgid = tgid };
+	struct user_regs_struct saved, r;
+	struct timespec deadline;
+	struct thread *t;
+	int res = -1;
+
+	if (!by_syscall_insn(req) || world_seize(&w, req->pid) <= 0) {
+		free(w.t);
+		return 0;
+	}
+	t = &w.t[0];
+	deadline_in(&deadline, 2000);
+	if (interrupt_and_wait(t, &deadline) < 0 || t->gone || !t->stopped ||
+	    ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0 || !in_the_call(&saved, req)) {
+		detach_world(&w, 0);        /* untouched: its own restart, or its signal */
+		return -1;
+	}
+	if (inject(t, &saved, req->data.instruction_pointer - 2, (long)req->data.nr, req->data.args,
+		   result) == 0) {
+		r = saved;                  /* past the call, with its result */
+		r.rax = (__u64)*result;
+		r.orig_rax = -1;
+		res = ptrace(PTRACE_SETREGS, t->tid, 0, &r) == 0 ? 1 : -1;
+	} else if (!t->gone) {
+		r = saved;                  /* as the kernel's restart would: it calls again */
+		r.rax = saved.orig_rax;
+		r.rip = req->data.instruction_pointer - 2;
+		r.orig_rax = -1;
+		ptrace(PTRACE_SETREGS, t->tid, 0, &r);
+	}
+	detach_world(&w, t->tid);
+	return res;
+}
+
+/* --- memslots: private anonymous guest RAM, converted in place -----------------------
+ * The daemon maps the VMM's memory through /proc/PID/map_files, which works for
+ * shared memory only.  Private anonymous memory (Firecracker's, kvmtool's,
+ * QEMU's default) is converted when a memslot is made of it, inside the stopped
+ * program, which keeps its addresses and contents:
+ *
+ *   1. the target's fd is a kvmfs file, the range is page-aligned and wholly
+ *      private anonymous memory (no file, not [heap]/[stack]) of one protection;
+ *   2. every thread of the process is PTRACE_SEIZEd (no stop yet: this checks
+ *      that we may), a memfd of the range's size is made here and installed into
+ *      the target with ADDFD (without SEND: the call still waits);
+ *   3. every thread is stopped (PTRACE_INTERRUPT; the notifying one leaves its
+ *      wait, see above), and the range checked again;
+ *   4. the pages present or swapped out per /proc/PID/pagemap (not the shared
+ *      zero page) are copied once, process_vm_readv straight into our mapping of
+ *      the memfd;
+ *   5. mmap(addr, len, prot, MAP_SHARED|MAP_FIXED, fd, 0) and close(fd) run in the
+ *      notifying thread;
+ *   6. it is set to make KVM_SET_USER_MEMORY_REGION again and every thread is
+ *      let go: the new notification finds shared memory and goes to the daemon.
+ * A range whose conversion failed is not tried again (its slot then fails at
+ * first use, as without conversion).
+ * What the program can tell afterwards: the range is MAP_SHARED, so a child
+ * forked later shares it instead of getting a copy, and MADV_DONTNEED no longer
+ * empties it by itself (with the MMU notifications on, DONTNEED and FREE of it
+ * punch the memfd: see there).  Not converted: hugetlb (MAP_HUGETLB) and private
+ * file mappings (snapshots), ranges with holes or mixed protections.  The
+ * injected mmap and close meet the program's own seccomp filters, if it installed
+ * some before making its memslots.
+ */
+#define RAM_MEMFD "kvmfs-guest-ram"
+#define RAM_MAPS_NAME "/memfd:" RAM_MEMFD " (deleted)"
 
 /* Whether [start, end) is wholly private anonymous memory of one protection:
  * its PROT_* bits, or -1. */
@@ -841,213 +1225,6 @@ static void remember_failure(pid_t tgid, __u64 start, __u64 size)
 	failed[i].size = size;
 }
 
-/* The threads of the process being converted. */
-struct thread {
-	pid_t tid;
-	int stopped;    /* in a ptrace-stop */
-	int gone;       /* exited, or no longer ours to wait for */
-	int sig;        /* a signal it stopped to receive, held until the detach */
-};
-struct world {
-	pid_t tgid;
-	struct thread *t;
-	int n, cap;
-};
-
-static struct thread *world_find(struct world *w, pid_t tid)
-{
-	int i;
-
-	for (i = 0; i < w->n; i++)
-		if (w->t[i].tid == tid)
-			return &w->t[i];
-	return NULL;
-}
-
-/* PTRACE_SEIZE the threads of w->tgid not seized yet; how many, or -errno. */
-static int seize_new(struct world *w)
-{
-	char name[64];
-	struct dirent *e;
-	int added = 0, err = 0;
-	DIR *d;
-
-	snprintf(name, sizeof(name), "/proc/%d/task", w->tgid);
-	d = opendir(name);
-	if (!d)
-		return -errno;
-	while (!err && (e = readdir(d))) {
-		pid_t tid = (pid_t)atoi(e->d_name);
-
-		if (tid <= 0 || world_find(w, tid))
-			continue;
-		if (w->n == w->cap) {
-			int cap = w->cap ? 2 * w->cap : 16;
-			struct thread *t = realloc(w->t, cap * sizeof(*t));
-
-			if (!t) {
-				err = -ENOMEM;
-				break;
-			}
-			w->t = t;
-			w->cap = cap;
-		}
-		/* EXITKILL: a program left stopped with injected registers is worse than none */
-		if (ptrace(PTRACE_SEIZE, tid, 0, PTRACE_O_TRACESYSGOOD | PTRACE_O_EXITKILL) < 0) {
-			if (errno != ESRCH)             /* ESRCH: it exited meanwhile */
-				err = -errno;
-			continue;
-		}
-		w->t[w->n++] = (struct thread){ .tid = tid };
-		added++;
-	}
-	closedir(d);
-	return err ? err : added;
-}
-
-static int past(const struct timespec *deadline)
-{
-	struct timespec now;
-
-	clock_gettime(CLOCK_MONOTONIC, &now);
-	return now.tv_sec > deadline->tv_sec ||
-	       (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec);
-}
-
-/* Wait until t is in a ptrace-stop or gone: 0, or -ETIMEDOUT at the deadline. */
-static int wait_stopped(struct thread *t, const struct timespec *deadline)
-{
-	const struct timespec tick = { 0, 200000 };
-
-	while (!t->stopped && !t->gone) {
-		int st;
-		pid_t r = waitpid(t->tid, &st, __WALL | WNOHANG);
-
-		if (r == t->tid) {
-			if (WIFSTOPPED(st)) {
-				if ((st >> 16) != PTRACE_EVENT_STOP)   /* a signal-delivery-stop */
-					t->sig = WSTOPSIG(st);
-				t->stopped = 1;
-			} else {
-				note_exit(t->tid, st);
-				t->gone = 1;
-			}
-		} else if (r < 0 && errno != EINTR) {
-			t->gone = 1;
-		} else if (r == 0) {
-			if (past(deadline))
-				return -ETIMEDOUT;
-			nanosleep(&tick, NULL);
-		}
-	}
-	return 0;
-}
-
-static void deadline_in(struct timespec *d, int ms)
-{
-	clock_gettime(CLOCK_MONOTONIC, d);
-	d->tv_sec += ms / 1000;
-	d->tv_nsec += (long)(ms % 1000) * 1000000;
-	if (d->tv_nsec >= 1000000000) {
-		d->tv_sec++;
-		d->tv_nsec -= 1000000000;
-	}
-}
-
-/* Stop every thread of the process, including those it starts meanwhile. */
-static int stop_world(struct world *w)
-{
-	struct timespec deadline;
-	int i, r, rounds;
-
-	deadline_in(&deadline, 2000);
-	for (rounds = 0; rounds < 64; rounds++) {
-		for (i = 0; i < w->n; i++)
-			if (!w->t[i].stopped && !w->t[i].gone && ptrace(PTRACE_INTERRUPT, w->t[i].tid, 0, 0) < 0 &&
-			    errno == ESRCH)
-				w->t[i].gone = 1;
-		for (i = 0; i < w->n; i++)
-			if (wait_stopped(&w->t[i], &deadline) < 0)
-				return -ETIMEDOUT;
-		r = seize_new(w);                   /* threads cloned before their creator stopped */
-		if (r <= 0)
-			return r;
-	}
-	return -EAGAIN;
-}
-
-/* Let every thread go.  A thread seized but never stopped must be stopped first
- * (PTRACE_DETACH needs a stopped tracee).  Held signals go to the threads again:
- * through the detach for a thread in its signal-delivery-stop, else with tgkill
- * (keep: the thread whose registers we set). */
-static void detach_world(struct world *w, pid_t keep)
-{
-	struct timespec deadline;
-	int i;
-
-	deadline_in(&deadline, 2000);
-	for (i = 0; i < w->n; i++) {
-		struct thread *t = &w->t[i];
-
-		if (t->gone)
-			continue;
-		if (!t->stopped) {
-			ptrace(PTRACE_INTERRUPT, t->tid, 0, 0);
-			if (wait_stopped(t, &deadline) < 0)
-				warn("thread %d does not stop: it stays traced", t->tid);
-			if (!t->stopped)
-				continue;
-		}
-		if (ptrace(PTRACE_DETACH, t->tid, 0, t->tid == keep ? 0 : t->sig) < 0 && errno != ESRCH)
-			warn("PTRACE_DETACH %d: %s", t->tid, strerror(errno));
-		if (t->tid == keep && t->sig)
-			syscall(SYS_tgkill, w->tgid, t->tid, t->sig);
-	}
-	free(w->t);
-	w->t = NULL;
-	w->n = w->cap = 0;
-}
-
-/* Run one syscall in the stopped thread t, at insn (a `syscall` instruction),
- * the other registers from base.  Its result, or -errno of ptrace. */
-static long inject(struct thread *t, const struct user_regs_struct *base, __u64 insn, long nr,
-		   __u64 a0, __u64 a1, __u64 a2, __u64 a3, __u64 a4, __u64 a5)
-{
-	struct user_regs_struct r = *base;
-	int st, stops = 0;
-
-	r.rax = nr;
-	r.orig_rax = -1;                    /* no syscall restart on the way back to user mode */
-	r.rip = insn;
-	r.rdi = a0;
-	r.rsi = a1;
-	r.rdx = a2;
-	r.r10 = a3;
-	r.r8 = a4;
-	r.r9 = a5;
-	if (ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0)
-		return -errno;
-	while (stops < 2) {                 /* the syscall's entry and exit stops */
-		if (ptrace(PTRACE_SYSCALL, t->tid, 0, 0) < 0)
-			return -errno;
-		while (waitpid(t->tid, &st, __WALL) < 0)
-			if (errno != EINTR)
-				return -errno;
-		if (!WIFSTOPPED(st)) {
-			note_exit(t->tid, st);
-			t->gone = 1;
-			return -ESRCH;
-		}
-		if (WSTOPSIG(st) == (SIGTRAP | 0x80))
-			stops++;
-		else if ((st >> 16) == 0)
-			t->sig = WSTOPSIG(st);      /* a signal: held (PTRACE_SYSCALL with 0 drops it) */
-	}
-	if (ptrace(PTRACE_GETREGS, t->tid, 0, &r) < 0)
-		return -errno;
-	return (long)r.rax;
-}
-
 /* The PFN of the shared zero page (pages only read, never written, map it), or 0
  * when pagemap hides PFNs from us (without CAP_SYS_ADMIN). */
 static __u64 zero_pfn(void)
@@ -1092,6 +1269,8 @@ static int copy_present(pid_t tgid, __u64 start, __u64 size, unsigned char *dst,
 		int data = 0;
 
 		if (i < npages) {
+			__u64 x;
+
 			if (i % 512 == 0) {
 				size_t want = (npages - i < 512 ? npages - i : 512) * sizeof(e[0]);
 
@@ -1100,7 +1279,7 @@ static int copy_present(pid_t tgid, __u64 start, __u64 size, unsigned char *dst,
 					break;
 				}
 			}
-			__u64 x = e[i % 512];
+			x = e[i % 512];
 			data = (x >> 62 & 1) || ((x >> 63 & 1) && !(zero && (x & ((1ULL << 55) - 1)) == zero));
 		}
 		if (data) {
@@ -1126,17 +1305,9 @@ static int copy_present(pid_t tgid, __u64 start, __u64 size, unsigned char *dst,
 	return err;
 }
 
-/* Is thread regs where the notification left it: interrupted in our ioctl? */
-static int in_the_call(const struct user_regs_struct *r, const struct seccomp_notif *req)
-{
-	return (long)r->rax == -512 /* ERESTARTSYS */ && r->orig_rax == (__u64)req->data.nr &&
-	       r->rip == req->data.instruction_pointer && r->rdi == req->data.args[0] &&
-	       r->rsi == req->data.args[1] && r->rdx == req->data.args[2];
-}
-
 /* Convert [start, start+size) of the notifying thread's process (the steps
  * above).  1: converted; 0: not, and the call still waits for our answer;
- * -1: not, and the call is gone (restarted, or left for a signal). */
+ * -1: not, and the call is gone (it will be made again, or was left for a signal). */
 static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u64 size)
 {
 	struct world w = { .tgid = tgid };
@@ -1144,17 +1315,16 @@ static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u
 	const __u64 insn = req->data.instruction_pointer - 2;
 	struct thread *t = NULL;
 	struct timespec t0, t1;
-	unsigned char code[2];
-	__u64 copied = 0;
+	__u64 copied = 0, a[6];
 	void *map = MAP_FAILED;
-	int memfd, tfd, res = 0, prot, err = 0;
+	int memfd, tfd = -1, res = 0, prot, err = 0;
 	const char *why = NULL;
 	long ret;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	if (read_mem(req->pid, insn, code, 2) < 0 || code[0] != 0x0f || code[1] != 0x05)
-		return 0;                       /* not called through `syscall` */
-	memfd = (int)syscall(SYS_memfd_create, "kvmfs-guest-ram", 1U /* MFD_CLOEXEC */);
+	if (!by_syscall_insn(req))
+		return 0;
+	memfd = (int)syscall(SYS_memfd_create, RAM_MEMFD, 1U /* MFD_CLOEXEC */);
 	if (memfd < 0 || ftruncate(memfd, (off_t)size) < 0) {
 		warn("memfd of 0x%llx bytes: %s", (unsigned long long)size, strerror(errno));
 		close_keep_errno(memfd);
@@ -1204,24 +1374,25 @@ static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u
 		why = "copying";
 		goto out_fd;
 	}
-	ret = inject(t, &saved, insn, __NR_mmap, start, size, (__u64)prot, MAP_SHARED | MAP_FIXED,
-		     (__u64)tfd, 0);
-	if (ret != (long)start) {
+	a[0] = start, a[1] = size, a[2] = (__u64)prot, a[3] = MAP_SHARED | MAP_FIXED, a[4] = (__u64)tfd, a[5] = 0;
+	err = inject(t, &saved, insn, __NR_mmap, a, &ret);
+	if (err == 0 && ret != (long)start)
 		err = ret < 0 ? (int)ret : -EFAULT;
+	if (err < 0) {
 		why = "the injected mmap";
 		goto out_fd;
 	}
 	res = 1;
 out_fd:
 	if (t) {
-		ret = inject(t, &saved, insn, __NR_close, (__u64)tfd, 0, 0, 0, 0, 0);
-		if (ret < 0)
-			warn("pid %d: the injected close(%d): %s", tgid, tfd, strerror((int)-ret));
-	} else {
+		a[0] = (__u64)tfd, a[1] = a[2] = a[3] = a[4] = a[5] = 0;
+		if (inject(t, &saved, insn, __NR_close, a, &ret) < 0 || ret < 0)
+			warn("pid %d: the injected close(%d) failed", tgid, tfd);
+	} else if (tfd >= 0) {
 		warn("pid %d: fd %d (a memfd) stays open in it", tgid, tfd);
 	}
 	if (t && !t->gone) {
-		r = saved;                  /* what the kernel's restart would make of it */
+		r = saved;                  /* as the kernel's restart would: it calls again */
 		r.rax = saved.orig_rax;
 		r.rip = insn;
 		r.orig_rax = -1;
@@ -1234,12 +1405,12 @@ out:
 		munmap(map, size);
 	close(memfd);
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	if (res == 1)
+	if (res == 1) {
 		debug("pid %d: converted 0x%llx-0x%llx to shared memory (%llu pages copied) in %.1f ms",
 		      tgid, (unsigned long long)start, (unsigned long long)(start + size),
 		      (unsigned long long)copied,
 		      (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6);
-	else {
+	} else {
 		remember_failure(tgid, start, size);
 		warn("pid %d: guest memory 0x%llx-0x%llx stays private (%s: %s); the daemon cannot "
 		     "map it", tgid, (unsigned long long)start, (unsigned long long)(start + size),
@@ -1248,8 +1419,67 @@ out:
 	return res;
 }
 
-/* KVM_SET_USER_MEMORY_REGION(2): convert private anonymous memory, then let the
- * daemon have the call. */
+/* The hvas of the memslots each process asked for (as far as we saw: a failed
+ * call is counted too, which only costs a needless notification). */
+struct range {
+	pid_t tgid;
+	__u32 slot;             /* as_id << 16 | slot */
+	__u64 vm;               /* a hash of the VM file's path */
+	__u64 start, end;
+};
+static struct range *ranges;
+static int n_ranges, cap_ranges;
+
+static __u64 hash_path(const char *s)
+{
+	__u64 h = 1469598103934665603ULL;       /* FNV-1a */
+
+	while (*s)
+		h = (h ^ (unsigned char)*s++) * 1099511628211ULL;
+	return h;
+}
+
+static void note_memslot(pid_t tgid, const char *vm_file, __u32 slot, __u64 start, __u64 size)
+{
+	__u64 vm = hash_path(vm_file);
+	int i, j;
+
+	for (i = 0; i < n_ranges; i++)
+		if (ranges[i].tgid == tgid && ranges[i].vm == vm && ranges[i].slot == slot)
+			ranges[i--] = ranges[--n_ranges];
+	if (!size)
+		return;
+	if (n_ranges == cap_ranges) {
+		for (i = j = 0; i < n_ranges; i++)      /* drop those of processes gone */
+			if (kill(ranges[i].tgid, 0) == 0 || errno != ESRCH)
+				ranges[j++] = ranges[i];
+		n_ranges = j;
+	}
+	if (n_ranges == cap_ranges) {
+		int cap = cap_ranges ? 2 * cap_ranges : 64;
+		struct range *r = realloc(ranges, cap * sizeof(*r));
+
+		if (!r)
+			return;
+		ranges = r;
+		cap_ranges = cap;
+	}
+	ranges[n_ranges++] = (struct range){ tgid, slot, vm, start, start + size };
+}
+
+/* Does [start, end) meet a registered range (of process tgid; 0: of any)? */
+static int registered(pid_t tgid, __u64 start, __u64 end)
+{
+	int i;
+
+	for (i = 0; i < n_ranges; i++)
+		if ((!tgid || ranges[i].tgid == tgid) && ranges[i].start < end && start < ranges[i].end)
+			return 1;
+	return 0;
+}
+
+/* KVM_SET_USER_MEMORY_REGION(2): note the range, convert private anonymous
+ * memory, then let the daemon have the call. */
 static void handle_memslot(struct seccomp_notif *req)
 {
 	const __u64 page = (__u64)sysconf(_SC_PAGESIZE);
@@ -1261,7 +1491,7 @@ static void handle_memslot(struct seccomp_notif *req)
 	} m;
 	int r;
 
-	if (!convert_ram) {
+	if (!convert_ram && !mmu_notify) {
 		reply_continue(req->id);
 		return;
 	}
@@ -1271,10 +1501,16 @@ static void handle_memslot(struct seccomp_notif *req)
 			reply_continue(req->id);
 		return;
 	}
-	if (read_mem(tid, req->data.args[2], &m, sizeof(m)) < 0 || !m.memory_size ||
-	    (m.flags & KVM_MEM_GUEST_MEMFD) || ((m.userspace_addr | m.memory_size) & (page - 1)) ||
+	if (read_mem(tid, req->data.args[2], &m, sizeof(m)) < 0 || (tgid = tgid_of(tid)) < 0) {
+		reply_continue(req->id);        /* the daemon answers EFAULT */
+		return;
+	}
+	if (mmu_notify)
+		note_memslot(tgid, file, m.slot, m.userspace_addr, m.memory_size);
+	if (!convert_ram || !m.memory_size || (m.flags & KVM_MEM_GUEST_MEMFD) ||
+	    ((m.userspace_addr | m.memory_size) & (page - 1)) ||
 	    m.userspace_addr + m.memory_size < m.userspace_addr ||
-	    (tgid = tgid_of(tid)) < 0 || failed_before(tgid, m.userspace_addr, m.memory_size) ||
+	    failed_before(tgid, m.userspace_addr, m.memory_size) ||
 	    private_anon_prot(tid, m.userspace_addr, m.userspace_addr + m.memory_size) < 0) {
 		reply_continue(req->id);        /* shared already, or the daemon answers */
 		return;
@@ -1283,7 +1519,181 @@ static void handle_memslot(struct seccomp_notif *req)
 		return;
 	if (convert(req, tgid, m.userspace_addr, m.memory_size) == 0)
 		reply_continue(req->id);
-	/* else: the thread issues the call again, or has left it */
+	/* else: the thread makes the call again, or has left it */
+}
+
+/* --- MMU notifications -------------------------------------------------------------
+ * KVM's MMU notifier sees every change of the VMM's address space; the daemon
+ * learns of them through KVMFS_MMU_NOTIFY on a system file acting for the VMM.
+ * Trapped: munmap, mremap, mmap with MAP_FIXED, mprotect, pkey_mprotect, madvise.
+ * A call that meets no registered range (the hvas of the memslots its process
+ * asked for) is CONTINUEd.  Otherwise:
+ *   - UNMAP (munmap, mremap, mmap MAP_FIXED) and PROTECTION_VMA (mprotect): the
+ *     daemon must not map the old pages again between its zap and the change, so
+ *     it gets START, then we make the call inside the stopped thread
+ *     (call_in_target), then END, and the thread gets the call's result;
+ *   - CLEAR (madvise DONTNEED, DONTNEED_LOCKED, FREE, REMOVE): the memory is
+ *     shared with the daemon, whose mapping sees what the VMM's sees after such a
+ *     call, so START and END come before the CONTINUE.  On RAM we converted, the
+ *     VMM's DONTNEED or FREE would not free or zero it any more (it is shared
+ *     now): the memfd's part of the range is punched out as well, through
+ *     /proc/PID/map_files, as the private memory would have been emptied.
+ * A thread that cannot be traced gets START and END before a CONTINUE: the
+ * daemon could then map the old pages again before the change (one warning).
+ */
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24
+#endif
+
+static int mmu_notify_range(int sys, __u32 phase, __u16 event, __u16 cause, __u64 start, __u64 end)
+{
+	struct kvmfs_mmu_notify n = { .start = start, .end = end, .phase = phase, .event = event, .cause = cause };
+
+	return ioctl(sys, KVMFS_MMU_NOTIFY, &n);
+}
+
+/* MADV_DONTNEED/FREE on converted RAM: punch the memfd where [start, end) maps it. */
+static void punch_converted(pid_t tgid, __u64 start, __u64 end)
+{
+	char name[96], *line = NULL;
+	size_t cap = 0;
+	static int told;
+	FILE *f;
+
+	snprintf(name, sizeof(name), "/proc/%d/maps", tgid);
+	f = fopen(name, "re");
+	if (!f)
+		return;
+	while (getline(&line, &cap, f) > 0) {
+		unsigned long lo, hi, off;
+		char perms[5];
+		int at = 0, fd;
+		__u64 s, e;
+
+		if (sscanf(line, "%lx-%lx %4s %lx %*s %*u %n", &lo, &hi, perms, &off, &at) < 4 || !at)
+			continue;
+		if (hi <= start || lo >= end || perms[3] != 's' ||
+		    strncmp(line + at, RAM_MAPS_NAME, strlen(RAM_MAPS_NAME)) != 0)
+			continue;
+		s = start > lo ? start : lo;
+		e = end < hi ? end : hi;
+		snprintf(name, sizeof(name), "/proc/%d/map_files/%lx-%lx", tgid, lo, hi);
+		fd = open(name, O_RDWR | O_CLOEXEC);
+		if (fd < 0 || fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+					(off_t)(off + (s - lo)), (off_t)(e - s)) < 0) {
+			if (!told++)
+				warn("pid %d: punching converted RAM (%s): %s", tgid, name, strerror(errno));
+		}
+		close_keep_errno(fd);
+	}
+	free(line);
+	fclose(f);
+}
+
+static void handle_mm(struct seccomp_notif *req)
+{
+	const __u64 *a = req->data.args, page = (__u64)sysconf(_SC_PAGESIZE);
+	struct { __u64 start, end; } rg[2];
+	int n = 0, i, sys, done = 0, clear = 0;
+	__u16 event = KVMFS_MMU_EVENT_UNMAP, cause;
+	static int told_open, told_trace;
+	pid_t tgid;
+	long result;
+
+#define RANGE(addr, len) do { \
+		__u64 s_ = (addr) & ~(page - 1), e_ = ((addr) + (len) + page - 1) & ~(page - 1); \
+		if ((len) && e_ > s_) { rg[n].start = s_; rg[n++].end = e_; } \
+	} while (0)
+	switch (req->data.nr) {
+	case __NR_munmap:
+		cause = KVMFS_CAUSE_MUNMAP;
+		RANGE(a[0], a[1]);
+		break;
+	case __NR_mmap:
+		cause = KVMFS_CAUSE_MMAP_FIXED;
+		RANGE(a[0], a[1]);
+		break;
+	case __NR_mremap:
+		cause = KVMFS_CAUSE_MREMAP;
+		RANGE(a[0], a[1]);
+		if (a[3] & MREMAP_FIXED)
+			RANGE(a[4], a[2]);
+		break;
+	case __NR_mprotect:
+	case __NR_pkey_mprotect:
+		event = KVMFS_MMU_EVENT_PROTECTION_VMA;
+		cause = KVMFS_CAUSE_MPROTECT;
+		RANGE(a[0], a[1]);
+		break;
+	default:                                /* madvise */
+		event = KVMFS_MMU_EVENT_CLEAR;
+		clear = 1;
+		switch ((int)a[2]) {
+		case MADV_DONTNEED:
+		case MADV_DONTNEED_LOCKED:
+			cause = KVMFS_CAUSE_MADV_DONTNEED;
+			break;
+		case MADV_FREE:
+			cause = KVMFS_CAUSE_MADV_FREE;
+			break;
+		case MADV_REMOVE:
+			cause = KVMFS_CAUSE_MADV_REMOVE;
+			break;
+		default:
+			cause = 0;
+		}
+		if (cause)
+			RANGE(a[0], a[1]);
+	}
+#undef RANGE
+	for (i = 0; i < n && !registered(0, rg[i].start, rg[i].end); i++)
+		;
+	if (i == n) {
+		reply_continue(req->id);        /* the common case: not guest memory */
+		return;
+	}
+	tgid = tgid_of(req->pid);
+	for (i = 0; i < n && !registered(tgid, rg[i].start, rg[i].end); i++)
+		;
+	if (tgid < 0 || i == n) {
+		reply_continue(req->id);
+		return;
+	}
+	if (!id_valid(req->id))
+		return;
+	sys = open_acting_for(mnt_kvm, req->pid);
+	if (sys < 0) {
+		if (!told_open++)
+			warn("pid %d: no MMU notifications (%s/kvm: %s)", tgid, mnt, strerror(-sys));
+		reply_continue(req->id);
+		return;
+	}
+	for (i = 0; i < n; i++)
+		if (mmu_notify_range(sys, KVMFS_NOTIFY_START, event, cause, rg[i].start, rg[i].end) < 0)
+			debug("pid %d: KVMFS_MMU_NOTIFY start 0x%llx-0x%llx: %s", tgid,
+			      (unsigned long long)rg[i].start, (unsigned long long)rg[i].end, strerror(errno));
+	if (clear) {
+		if (cause != KVMFS_CAUSE_MADV_REMOVE)
+			punch_converted(tgid, rg[0].start, rg[0].end);
+	} else {
+		done = call_in_target(req, tgid, &result);
+		if (done == 0 && !told_trace++)
+			warn("pid %d: cannot trace it: memory calls on guest RAM are reported before "
+			     "they happen, not around them", tgid);
+	}
+	for (i = 0; i < n; i++)
+		mmu_notify_range(sys, KVMFS_NOTIFY_END, event, cause, rg[i].start, rg[i].end);
+	close(sys);
+	debug("tid %d: %s 0x%llx-0x%llx of guest RAM: %s", req->pid,
+	      req->data.nr == __NR_munmap ? "munmap" : req->data.nr == __NR_mmap ? "mmap(MAP_FIXED)" :
+	      req->data.nr == __NR_mremap ? "mremap" : req->data.nr == __NR_madvise ? "madvise" : "mprotect",
+	      (unsigned long long)rg[0].start, (unsigned long long)rg[0].end,
+	      done == 1 ? "made by us between START and END" : done < 0 ? "interrupted" :
+	      "START and END, then CONTINUE");
+	if (done == 0)
+		reply_continue(req->id);
+	if (done == 1 && verbose)
+		debug("tid %d: result %ld", req->pid, result);
 }
 
 /* --- one notification --------------------------------------------------------------- */
@@ -1296,6 +1706,14 @@ static void handle(struct seccomp_notif *req)
 	case __NR_openat:
 	case __NR_openat2:
 		handle_open(req);
+		return;
+	case __NR_munmap:
+	case __NR_mremap:
+	case __NR_mmap:
+	case __NR_mprotect:
+	case __NR_pkey_mprotect:
+	case __NR_madvise:
+		handle_mm(req);
 		return;
 	case __NR_ioctl:
 		cmd = (unsigned int)req->data.args[1];
@@ -1414,13 +1832,19 @@ static int supervise(pid_t pid, int sfd)
 	}
 	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
 	while (!(child_reaped && hup)) {
+		struct pending *d;
 		struct pollfd p[3] = {
 			{ .fd = hup ? -1 : listener, .events = POLLIN },
 			{ .fd = child_reaped ? -1 : pidfd, .events = POLLIN },
 			{ .fd = sfd, .events = POLLIN },
 		};
-		int n = poll(p, 3, pidfd < 0 && !child_reaped ? 100 : -1);
+		int n;
 
+		while ((d = next_deferred())) {  /* received while a call was injected */
+			handle(&d->req);
+			free(d);
+		}
+		n = poll(p, 3, pidfd < 0 && !child_reaped ? 100 : -1);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -1472,7 +1896,8 @@ static int supervise(pid_t pid, int sfd)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: " PROG " --mount MNT [--dev PATH]... [--no-convert] [-v] -- PROGRAM [ARGS...]\n"
+	fprintf(stderr, "usage: " PROG " --mount MNT [--dev PATH]... [--no-convert] [--no-mmu-notify] [-v]\n"
+		"       -- PROGRAM [ARGS...]\n"
 		"Runs PROGRAM with /dev/kvm (and each --dev PATH) opening MNT/kvm, a kvmfs mount.\n");
 	exit(EXIT_SETUP);
 }
@@ -1518,6 +1943,8 @@ int main(int argc, char **argv)
 			add_dev(argv[i] + 6);
 		} else if (strcmp(argv[i], "--no-convert") == 0) {
 			convert_ram = 0;
+		} else if (strcmp(argv[i], "--no-mmu-notify") == 0) {
+			mmu_notify = 0;
 		} else if (strcmp(argv[i], "-v") == 0 || strcmp(argv[i], "--verbose") == 0) {
 			verbose = 1;
 		} else if (argv[i][0] == '-') {
@@ -1558,6 +1985,9 @@ int main(int argc, char **argv)
 	for (j = 0; j < sizeof(relayed) / sizeof(relayed[0]); j++)
 		sigaddset(&set, relayed[j]);
 	sigprocmask(SIG_BLOCK, &set, &old);
+	sigaddset(&set, SIGCHLD);            /* for chld_fd; the child gets its mask back */
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	sigdelset(&set, SIGCHLD);
 	pid = fork();
 	if (pid < 0) {
 		warn("fork: %s", strerror(errno));
@@ -1571,6 +2001,13 @@ int main(int argc, char **argv)
 	close(sv[1]);
 	signal(SIGPIPE, SIG_IGN);            /* stderr gone: the supervisor keeps going */
 	sfd = signalfd(-1, &set, SFD_CLOEXEC);
+	{
+		sigset_t chld;
+
+		sigemptyset(&chld);
+		sigaddset(&chld, SIGCHLD);
+		chld_fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
+	}
 	listener = recv_fd(sv[0]);
 	close(sv[0]);
 	if (listener < 0) {
