@@ -496,21 +496,44 @@ static int target_path(pid_t tid, int dirfd, const char *path, char *out, size_t
 	return 0;
 }
 
-/* Does the open name /dev/kvm?  By name (the defaults and --dev), or by the file
- * the target would open being the KVM device node (the jailer's mknod, a symlink). */
-static int names_kvm(pid_t tid, const char *path, int flags)
+/* The last component of a path ("" if it ends in a slash). */
+static const char *last_component(const char *path)
 {
-	char proc[PATH_MAX + 32];
+	const char *slash = strrchr(path, '/');
+
+	return slash ? slash + 1 : path;
+}
+
+/* Does the open name /dev/kvm?  Either the file the target would open is the KVM
+ * device node (the jailer's mknod, a symlink: the kernel resolves the path in the
+ * target's view through /proc/TID/{root,cwd,fd/N}), or the path is /dev/kvm or a
+ * --dev path by name (no such file needed), compared after resolving it, which is
+ * done only when its last component is one of theirs. */
+static int names_kvm(pid_t tid, int dirfd, const char *path, int flags)
+{
+	char proc[PATH_MAX + 64], abs[PATH_MAX];
+	const char *base = last_component(path);
 	struct stat st;
 	int i;
 
+	if (path[0] == '/')
+		snprintf(proc, sizeof(proc), "/proc/%d/root%s", tid, path);
+	else if (dirfd == AT_FDCWD)
+		snprintf(proc, sizeof(proc), "/proc/%d/cwd/%s", tid, path);
+	else
+		snprintf(proc, sizeof(proc), "/proc/%d/fd/%d/%s", tid, dirfd, path);
+	if (fstatat(AT_FDCWD, proc, &st, (flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0) == 0 &&
+	    S_ISCHR(st.st_mode) && major(st.st_rdev) == 10 && minor(st.st_rdev) == KVM_MISC_MINOR)
+		return 1;
 	for (i = 0; i < n_devs; i++)
-		if (strcmp(path, devs[i]) == 0)
-			return 1;
-	snprintf(proc, sizeof(proc), "/proc/%d/root%s", tid, path);
-	if (fstatat(AT_FDCWD, proc, &st, (flags & O_NOFOLLOW) ? AT_SYMLINK_NOFOLLOW : 0) < 0)
+		if (strcmp(base, last_component(devs[i])) == 0)
+			break;
+	if (i == n_devs || target_path(tid, dirfd, path, abs, sizeof(abs)) < 0)
 		return 0;
-	return S_ISCHR(st.st_mode) && major(st.st_rdev) == 10 && minor(st.st_rdev) == KVM_MISC_MINOR;
+	for (i = 0; i < n_devs; i++)
+		if (strcmp(abs, devs[i]) == 0)
+			return 1;
+	return 0;
 }
 
 /* --- open, openat, openat2 -------------------------------------------------------- */
@@ -518,7 +541,7 @@ static void handle_open(struct seccomp_notif *req)
 {
 	pid_t tid = req->pid;
 	const __u64 *a = req->data.args;
-	char path[PATH_MAX], abs[PATH_MAX];
+	char path[PATH_MAX];
 	int dirfd, fd, r;
 	__u64 flags;
 
@@ -552,7 +575,7 @@ static void handle_open(struct seccomp_notif *req)
 	}
 	/* O_PATH, O_DIRECTORY, O_CREAT|O_EXCL on /dev/kvm: the kernel's answer is right */
 	if ((flags & (O_PATH | O_DIRECTORY)) || (flags & (O_CREAT | O_EXCL)) == (O_CREAT | O_EXCL) ||
-	    target_path(tid, dirfd, path, abs, sizeof(abs)) < 0 || !names_kvm(tid, abs, (int)flags)) {
+	    !names_kvm(tid, dirfd, path, (int)flags)) {
 		reply_continue(req->id);
 		return;
 	}
