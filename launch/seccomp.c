@@ -1,38 +1,43 @@
 /*
  * kvmfs-seccomp - run an unmodified KVM program on a kvmfs mount.
  *
- *   kvmfs-seccomp --mount MNT [--dev PATH]... [-v] -- PROGRAM [ARGS...]
+ *   kvmfs-seccomp --mount MNT [--dev PATH]... [--no-convert] [--no-mmu-notify] [-v]
+ *                 -- PROGRAM [ARGS...]
  *
  * A seccomp user-notification supervisor.  It forks; the child sets
  * PR_SET_NO_NEW_PRIVS, installs the filter below with
  * SECCOMP_FILTER_FLAG_NEW_LISTENER, hands the listener fd to the parent over a
  * socketpair and execs PROGRAM.  The parent answers the notifications until
  * PROGRAM and every process it started (they inherit the filter) are gone, then
- * exits with PROGRAM's status (128+N if a signal N killed it).  It works for
+ * exits with PROGRAM's status (128+N if a signal N killed it; 125 if the
+ * supervisor itself failed, 126/127 if PROGRAM cannot be run).  It works for
  * statically linked programs (Firecracker is static musl, Go binaries), where
- * an LD_PRELOAD shim cannot.
+ * an LD_PRELOAD shim cannot.  Signals sent to the supervisor by a process are
+ * relayed to PROGRAM (those of the terminal reach it directly); PROGRAM is
+ * killed if the supervisor dies (without it every trapped call fails).
  *
  * What this file owns: the filter, the translation of the few calls where kvmfs
- * differs from /dev/kvm, and the supervisor's process handling (fork, exec,
- * signals it relays, exit status).  The daemon owns everything else: every
- * other ioctl, mmap of the vCPU fd and KVM_RUN go straight from the program to
- * the mount, at full speed and with native signal semantics.
+ * differs from /dev/kvm, and the supervisor's process handling.  The daemon
+ * owns everything else: every other ioctl, mmap of the vCPU fd and KVM_RUN go
+ * straight from the program to the mount, at full speed and with native signal
+ * semantics.
  *
  * Trapped (everything else is SECCOMP_RET_ALLOW; other architectures, i.e.
- * int 0x80 calls, are killed; x32 numbers are allowed):
+ * int 0x80 calls, kill the process; x32 numbers are allowed):
  *
  *   open, openat, openat2
- *       To redirect /dev/kvm.  The path is read from the target and resolved
- *       (absolute, relative to its cwd or dirfd, lexically normalised).  If it
- *       names /dev/kvm or a --dev path, or the file the target would see
- *       (/proc/TID/root + path) is a character device 10:232, the supervisor
- *       opens MNT/kvm itself and installs it as the call's result
- *       (SECCOMP_IOCTL_NOTIF_ADDFD with SECCOMP_ADDFD_FLAG_SEND), so the kernel
- *       never re-reads the path.  Every other path is CONTINUEd: the kernel then
- *       re-reads it, so another thread of the target can change it in between.
- *       That is fine because the redirect is a convenience, not a security
- *       boundary: the program can reach the real /dev/kvm by other means
- *       (io_uring, a path rewritten after the check, an fd it inherited).
+ *       To redirect /dev/kvm.  The path is read from the target.  If the file
+ *       the target would open is the character device 10:232 (one stat through
+ *       /proc/TID/root, cwd or fd/N: the jailer's mknod, a symlink), or the path
+ *       resolves (lexically, against the target's root and cwd or dirfd) to
+ *       /dev/kvm or a --dev path, the supervisor opens MNT/kvm itself and
+ *       installs it as the call's result (SECCOMP_IOCTL_NOTIF_ADDFD with
+ *       SECCOMP_ADDFD_FLAG_SEND; O_CLOEXEC as asked), so the kernel never
+ *       re-reads the path.  Every other open is CONTINUEd: the kernel then
+ *       re-reads the path, and another thread of the target may have changed it
+ *       in between.  That is fine because the redirect is a convenience, not a
+ *       security boundary: the program can reach the real /dev/kvm by other
+ *       means (io_uring, a path rewritten after the check, an inherited fd).
  *
  *   ioctl KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_CREATE_GUEST_MEMFD
  *       (the rows of fd_ioctls[]; the filter compares the low 32 bits of cmd)
@@ -46,29 +51,43 @@
  *       CONTINUE.
  *
  *   ioctl KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2
- *       CONTINUE for now: the daemon maps shared memory (memfd, tmpfs, files)
- *       itself and answers EFAULT at the first guest access to private
- *       anonymous memory.  (Converting such memory in place is phase 2.)
+ *       The daemon maps shared memory (memfd, tmpfs, files) itself.  Private
+ *       anonymous memory is converted in place to a memfd first, inside the
+ *       stopped program ("memslots" below; --no-convert: the daemon answers
+ *       EFAULT at the guest's first access instead).  The range is noted for the
+ *       MMU notifications, then the call goes to the daemon.
+ *
+ *   munmap, mremap, mmap with MAP_FIXED, mprotect, pkey_mprotect, madvise
+ *       ("MMU notifications" below; --no-mmu-notify: not trapped).  KVM's MMU
+ *       notifier sees the VMM's address-space changes by itself; the daemon
+ *       learns those of guest RAM through KVMFS_MMU_NOTIFY.  Calls on other
+ *       memory are CONTINUEd.
  *
  * What it cannot do:
- *   - io_uring opens (IORING_OP_OPENAT) are not seen; nor are paths reached
- *     through a symlink the lexical normalisation gets wrong when no file 10:232
- *     is behind them (e.g. /dev/kvm missing and "/x/link/../kvm").
+ *   - io_uring opens (IORING_OP_OPENAT) are not seen; nor are paths that name
+ *     /dev/kvm only through a symlink the lexical resolution gets wrong when no
+ *     file 10:232 is behind them (e.g. /dev/kvm missing and "/x/link/../kvm").
  *   - A target that serves a FUSE file system from the thread that opens a
- *     file on it would deadlock the char-device check (the stat waits for that
+ *     file on it would deadlock the device check (the stat waits for that
  *     thread); VMMs do not do that.
  *   - KVM_GET_STATS_FD and KVM_CREATE_DEVICE are not served by the daemon yet:
  *     their rows exist but are not trapped (the daemon answers them itself).
- *   - A kvmfs-aware program (clients/kvmfs.h with KVMFS_MNT) must not run under
- *     it: its KVM_CREATE_VM would get an fd, not the id it expects.
- *   - One notification is handled at a time; nothing trapped is slow.
+ *   - A kvmfs-aware program (clients/kvmfs.h) must not run under it: its
+ *     KVM_CREATE_VM would get an fd, not the id it expects.
+ *   - Guest RAM of a program that is traced already (gdb, strace) is not
+ *     converted, and its unmaps are reported before they happen, not around.
+ *   - One notification is handled at a time (a conversion stops the program
+ *     for about 1 ms plus 1 ms per 1000 pages with data).
  *
- * Kernel: 5.14 (SECCOMP_ADDFD_FLAG_SEND); pidfd_getfd needs 5.6 and ptrace
- * access to the target (root, or the same user without Yama restrictions);
- * PIDFD_THREAD (6.9) is used when present, else the thread's process.
- * The supervisor needs no syscall inside the target: a program that installs
- * its own seccomp filters later (Firecracker) still works, because a stacked
- * filter's ALLOW does not override this one's USER_NOTIF.
+ * Kernel: 5.14 (SECCOMP_ADDFD_FLAG_SEND); pidfd_getfd (5.6) and the
+ * conversion's ptrace need ptrace access to the target (root, or the same user
+ * without Yama restrictions); PIDFD_THREAD (6.9) is used when present, else the
+ * thread's process.  x86-64 only.
+ * Opens and fd-creating ioctls need no syscall inside the target.  The
+ * conversion runs mmap and close in it, and the MMU path the program's own
+ * call; a program that installs its own seccomp filters later (Firecracker)
+ * still works, because a stacked filter's ALLOW does not override this one's
+ * USER_NOTIF, but those filters also judge the injected calls.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -87,7 +106,6 @@
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/signalfd.h>
-#include <linux/falloc.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
@@ -98,6 +116,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <linux/audit.h>
+#include <linux/falloc.h>
 #include <linux/filter.h>
 #include <linux/openat2.h>
 #include <linux/seccomp.h>
