@@ -130,6 +130,12 @@
 #define SECCOMP_RET_KILL_PROCESS 0x80000000U
 #endif
 
+#ifndef SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+#define SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (1UL << 5)
+#endif
+#define ERESTARTSYS 512              /* the kernel's, not exported */
+#define ERESTARTNOINTR 513
+
 #define PROG "kvmfs-seccomp"
 #define KVM_MISC_MINOR 232          /* /dev/kvm is 10:232 */
 #define EXIT_SETUP 125               /* the supervisor itself failed (as env(1), docker) */
@@ -162,11 +168,12 @@ static const struct fd_ioctl fd_ioctls[] = {
 	  sizeof(struct kvm_create_guest_memfd), -1, 0 },           /* not CLOEXEC in KVM */
 	{ KVM_GET_STATS_FD, "KVM_GET_STATS_FD", NULL, 0, -1, O_CLOEXEC },
 	{ KVM_CREATE_DEVICE, "KVM_CREATE_DEVICE", NULL, sizeof(struct kvm_create_device),
-	  offsetof(struct kvm_create_device, fd), O_CLOEXEC },
+	  offsetof(struct kvm_create_device, fd), O_CLOEXEC },      /* KVM_CREATE_DEVICE_TEST: no fd */
 };
 #define N_FD_IOCTLS (sizeof(fd_ioctls) / sizeof(fd_ioctls[0]))
 
-/* The memslot ioctls: trapped for the conversion of private anonymous memory. */
+/* The memslot ioctls: trapped to convert private anonymous memory and to learn
+ * the ranges of guest RAM. */
 static const unsigned int memslot_ioctls[] = { KVM_SET_USER_MEMORY_REGION, KVM_SET_USER_MEMORY_REGION2 };
 #define N_MEMSLOT_IOCTLS (sizeof(memslot_ioctls) / sizeof(memslot_ioctls[0]))
 
@@ -737,19 +744,20 @@ static void handle_fd_ioctl(struct seccomp_notif *req, const struct fd_ioctl *ro
 	__u64 arg = req->data.args[2];
 	char file[PATH_MAX], child[PATH_MAX], name[64], *slash;
 	unsigned char buf[256];
-	int r, own = -1, fd = -1, id;
+	int r, own = -1, fd = -1, id, gone = 0;
+	static int told;
 
 	r = kvmfs_file_of(tid, (int)req->data.args[0], file, sizeof(file));
 	if (r <= 0) {
 		/* not kvmfs (0), a bad fd (EBADF): KVM or the kernel answers; gone: nothing to do */
 		if (r != -ESRCH)
 			reply_continue(req->id);
-		if (r < 0 && r != -EBADF && r != -ESRCH)
-			debug("tid %d: %s: the fd cannot be examined (%s): left to the kernel",
-			      tid, row->name, strerror(-r));
+		if (r < 0 && r != -EBADF && r != -ESRCH && !told++)
+			warn("tid %d: %s: its fd cannot be examined (%s): left to the kernel",
+			     tid, row->name, strerror(-r));
 		return;
 	}
-	if (row->argsz && (r = read_mem(tid, arg, buf, row->argsz)) < 0) {
+	if (row->argsz > sizeof(buf) || (row->argsz && (r = read_mem(tid, arg, buf, row->argsz)) < 0)) {
 		if (r != -ESRCH)
 			reply_error(req->id, EFAULT);
 		return;
@@ -766,8 +774,15 @@ static void handle_fd_ioctl(struct seccomp_notif *req, const struct fd_ioctl *ro
 		r = -errno;
 		goto fail;
 	}
-	if (row->argsz && (_IOC_DIR(row->cmd) & _IOC_READ) && (r = write_mem(tid, arg, buf, row->argsz)) < 0)
+	if (row->argsz && (_IOC_DIR(row->cmd) & _IOC_READ) && (r = write_mem(tid, arg, buf, row->argsz)) < 0) {
+		gone = r == -ESRCH;
 		goto fail;
+	}
+	if (row->cmd == KVM_CREATE_DEVICE && (((struct kvm_create_device *)buf)->flags & KVM_CREATE_DEVICE_TEST)) {
+		reply(req->id, id, 0, 0);       /* a test: no device, no fd */
+		close(own);
+		return;
+	}
 	slash = strrchr(file, '/');
 	*slash = '\0';
 	snprintf(name, sizeof(name), row->child, id);
@@ -789,13 +804,17 @@ static void handle_fd_ioctl(struct seccomp_notif *req, const struct fd_ioctl *ro
 		__u32 target_fd;
 
 		r = addfd(req->id, fd, row->fdfl & O_CLOEXEC, 0);
-		if (r < 0)
+		if (r < 0) {
+			gone = r == -ENOENT;
 			goto fail;
+		}
 		target_fd = (__u32)r;
 		memcpy(buf + row->fd_at, &target_fd, sizeof(target_fd));
 		r = write_mem(tid, arg, buf, row->argsz);
-		if (r < 0)              /* the fd stays in the target, as KVM would leave it */
+		if (r < 0) {            /* the fd stays in the target, as KVM would leave it */
+			gone = r == -ESRCH;
 			goto fail;
+		}
 		reply(req->id, 0, 0, 0);
 	}
 	close(own);
@@ -805,17 +824,18 @@ fail:
 	debug("tid %d: %s: %s", tid, row->name, strerror(-r));
 	close_keep_errno(own);
 	close_keep_errno(fd);
-	if (r != -ENOENT && r != -ESRCH)
+	if (!gone)
 		reply_error(req->id, -r);
 }
 
 /* --- ptrace: stopping threads and making calls inside them --------------------------
  * The conversion of guest RAM and the MMU notifications below act on a thread
  * that waits in a notification.  What they rely on (x86-64):
- *   - that wait is interruptible: PTRACE_INTERRUPT makes the thread leave it with
- *     -ERESTARTSYS (the notification is gone: a reply gets ENOENT) and stop in
- *     get_signal(), before the restart logic, with rax = -ERESTARTSYS, orig_rax =
- *     the syscall and rip after its `syscall` instruction;
+ *   - PTRACE_INTERRUPT, then an answer -ERESTARTNOINTR to the notification, makes
+ *     the thread stop in get_signal(), before the restart logic and before user
+ *     mode, with orig_rax = the syscall, rip after its `syscall` instruction and
+ *     rax = -ERESTARTNOINTR, or -ERESTARTSYS if the interrupt took it out of the
+ *     wait first (without WAIT_KILLABLE_RECV; the answer then gets ENOENT);
  *   - from there a syscall runs through that instruction (rip - 2): registers set
  *     with orig_rax = -1 (no restart logic on the way out), then PTRACE_SYSCALL to
  *     its entry and to its exit stop;
@@ -1115,10 +1135,23 @@ static int inject(struct thread *t, const struct user_regs_struct *base, __u64 i
 	return 0;
 }
 
+/* Take the notifying thread t out of its call into a ptrace-stop (see above). */
+static int interrupt_call(struct thread *t, const struct seccomp_notif *req, const struct timespec *deadline)
+{
+	if (ptrace(PTRACE_INTERRUPT, t->tid, 0, 0) < 0) {
+		if (errno == ESRCH)
+			t->gone = 1;
+		return -errno;
+	}
+	reply(req->id, -1, ERESTARTNOINTR, 0);
+	return wait_stopped(t, deadline);
+}
+
 /* Are the registers where the notification left the thread: interrupted in it? */
 static int in_the_call(const struct user_regs_struct *r, const struct seccomp_notif *req)
 {
-	return (long)r->rax == -512 /* ERESTARTSYS */ && r->orig_rax == (__u64)req->data.nr &&
+	return ((long)r->rax == -ERESTARTSYS || (long)r->rax == -ERESTARTNOINTR) &&
+	       r->orig_rax == (__u64)req->data.nr &&
 	       r->rip == req->data.instruction_pointer && r->rdi == req->data.args[0] &&
 	       r->rsi == req->data.args[1] && r->rdx == req->data.args[2] &&
 	       r->r10 == req->data.args[3] && r->r8 == req->data.args[4] && r->r9 == req->data.args[5];
@@ -1151,7 +1184,7 @@ static int call_in_target(const struct seccomp_notif *req, pid_t tgid, long *res
 	}
 	t = &w.t[0];
 	deadline_in(&deadline, 2000);
-	if (interrupt_and_wait(t, &deadline) < 0 || t->gone || !t->stopped ||
+	if (interrupt_call(t, req, &deadline) < 0 || t->gone || !t->stopped ||
 	    ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0 || !in_the_call(&saved, req)) {
 		detach_world(&w, 0);        /* untouched: its own restart, or its signal */
 		return -1;
@@ -1356,7 +1389,7 @@ static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u
 	struct user_regs_struct saved, r;
 	const __u64 insn = req->data.instruction_pointer - 2;
 	struct thread *t = NULL;
-	struct timespec t0, t1;
+	struct timespec t0, t1, deadline;
 	__u64 copied = 0, a[6];
 	void *map = MAP_FAILED;
 	int memfd, tfd = -1, res = 0, prot, err = 0;
@@ -1385,8 +1418,11 @@ static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u
 		goto out;
 	}
 	res = -1;                           /* from here on the call is interrupted */
-	err = stop_world(&w);
-	t = world_find(&w, req->pid);
+	deadline_in(&deadline, 2000);
+	err = interrupt_call(world_find(&w, req->pid), req, &deadline);
+	if (!err)
+		err = stop_world(&w);
+	t = world_find(&w, req->pid);       /* after stop_world(), which may move w.t */
 	if (t->gone || !t->stopped || ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0 ||
 	    !in_the_call(&saved, req)) {
 		t = NULL;                   /* it left the call (a signal): leave it alone */
@@ -1842,7 +1878,14 @@ static void child(int sock, char **argv, const sigset_t *oldmask)
 		warn("PR_SET_NO_NEW_PRIVS: %s", strerror(errno));
 		_exit(EXIT_SETUP);
 	}
-	fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
+	/* WAIT_KILLABLE_RECV (5.19): once we have the notification, only a fatal
+	 * signal takes the thread out of the call, so an open or a KVM_CREATE_VM does
+	 * not fail with EINTR where it would not on /dev/kvm.  Nothing trapped is
+	 * slow, so holding a signal until the answer costs little. */
+	fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+			  SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, &prog);
+	if (fd < 0 && errno == EINVAL)
+		fd = (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_NEW_LISTENER, &prog);
 	if (fd < 0) {
 		warn("seccomp(SECCOMP_FILTER_FLAG_NEW_LISTENER): %s", strerror(errno));
 		_exit(EXIT_SETUP);
