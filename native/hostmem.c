@@ -58,6 +58,21 @@ int hostmem_find(kvmfs_mmu *mmu, uint64_t hva)
 	return hva - mmu->hm[lo].hva < mmu->hm[lo].size ? lo : -1;
 }
 
+/*
+ * mmu_invalidate_retry_gfn(): a lookup of [start, end) made at sequence seq may
+ * be stale if an invalidation has ended since, or one in progress covers it
+ * (lock held).
+ */
+static bool invalidate_stale(kvmfs_mmu *mmu, uint64_t seq, uint64_t start, uint64_t end)
+{
+	bool stale = seq != mmu->inv_seq ||
+		     (mmu->inv_in_progress && start < mmu->inv_end && mmu->inv_start < end);
+
+	if (stale)
+		mmu->stats.notifier_retries++;
+	return stale;
+}
+
 int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, uint32_t flags,
 		      uint64_t seq)
 {
@@ -69,10 +84,7 @@ int kvmfs_hostmem_add(kvmfs_mmu *mmu, uint64_t hva, uint64_t size, void *ptr, ui
 	    flags & ~KVMFS_HOSTMEM_READONLY)
 		return -EINVAL;
 	pthread_mutex_lock(&mmu->lock);
-	/* mmu_invalidate_retry_gfn(): what the caller looked up may be stale */
-	if (seq != mmu->inv_seq ||
-	    (mmu->inv_in_progress && hva < mmu->inv_end && mmu->inv_start < hva + size)) {
-		mmu->stats.notifier_retries++;
+	if (invalidate_stale(mmu, seq, hva, hva + size)) {
 		rc = -EAGAIN;
 		goto out;
 	}
@@ -171,10 +183,7 @@ int kvmfs_mmu_invalidate_retry(kvmfs_mmu *mmu, uint64_t seq, uint64_t start, uin
 	int retry;
 
 	pthread_mutex_lock(&mmu->lock);
-	retry = seq != mmu->inv_seq ||
-		(mmu->inv_in_progress && start < mmu->inv_end && mmu->inv_start < end);
-	if (retry)
-		mmu->stats.notifier_retries++;
+	retry = invalidate_stale(mmu, seq, start, end);
 	pthread_mutex_unlock(&mmu->lock);
 	return retry;
 }
