@@ -1906,51 +1906,69 @@ static void child(int sock, char **argv, const sigset_t *oldmask)
  * (SI_KERNEL) reached the program's process group already. */
 static const int relayed[] = { SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2, SIGCONT, SIGWINCH };
 
+/* Reap what the kernel holds for us: our child's end, and threads that exited
+ * while we traced them (a traced thread stays a zombie until its tracer waits for
+ * it, and keeps its leader from being reaped).  A tracee found stopped is let go.
+ * block: until our child is reaped. */
+static void reap(int block)
+{
+	while (!(block && child_reaped)) {
+		int st;
+		pid_t w = waitpid(-1, &st, __WALL | (block ? 0 : WNOHANG));
+
+		if (w == 0)
+			return;
+		if (w < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == ECHILD)
+				child_reaped = 1;       /* nothing left: our child was reaped before */
+			return;
+		}
+		if (WIFSTOPPED(st))
+			ptrace(PTRACE_DETACH, w, 0, (st >> 16) == PTRACE_EVENT_STOP ? 0 : WSTOPSIG(st));
+		else
+			note_exit(w, st);
+	}
+}
+
 static int supervise(pid_t pid, int sfd)
 {
-	int hup = 0, pidfd;
+	int hup = 0;
 	struct seccomp_notif *req = malloc(sizes.seccomp_notif);
 
 	if (!req) {
 		warn("out of memory");
 		return EXIT_SETUP;
 	}
-	pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
 	while (!(child_reaped && hup)) {
 		struct pending *d;
 		struct pollfd p[3] = {
 			{ .fd = hup ? -1 : listener, .events = POLLIN },
-			{ .fd = child_reaped ? -1 : pidfd, .events = POLLIN },
+			{ .fd = chld_fd, .events = POLLIN },
 			{ .fd = sfd, .events = POLLIN },
 		};
+		struct signalfd_siginfo si;
 		int n;
 
 		while ((d = next_deferred())) {  /* received while a call was injected */
 			handle(&d->req);
 			free(d);
 		}
-		n = poll(p, 3, pidfd < 0 && !child_reaped ? 100 : -1);
+		n = poll(p, 3, chld_fd < 0 ? 100 : -1);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			warn("poll: %s", strerror(errno));
 			break;
 		}
-		if (p[2].revents & POLLIN) {
-			struct signalfd_siginfo si;
-
-			if (read(sfd, &si, sizeof(si)) == sizeof(si) && !child_reaped &&
-			    si.ssi_code != SI_KERNEL)
-				kill(pid, (int)si.ssi_signo);
-		}
-		if (!child_reaped && (pidfd < 0 || (p[1].revents & POLLIN))) {
-			int st;
-			pid_t w = waitpid(pid, &st, WNOHANG);
-
-			if (w == pid && (WIFEXITED(st) || WIFSIGNALED(st)))
-				note_exit(pid, st);
-			else if (w < 0 && errno == ECHILD)
-				child_reaped = 1;   /* reaped by a wait of the conversion */
+		if ((p[2].revents & POLLIN) && read(sfd, &si, sizeof(si)) == sizeof(si) && !child_reaped &&
+		    si.ssi_code != SI_KERNEL)
+			kill(pid, (int)si.ssi_signo);
+		if (chld_fd < 0 || (p[1].revents & POLLIN)) {
+			while (chld_fd >= 0 && read(chld_fd, &si, sizeof(si)) == sizeof(si))
+				;
+			reap(0);
 		}
 		if (p[0].revents & POLLIN) {
 			memset(req, 0, sizes.seccomp_notif);
@@ -1960,20 +1978,10 @@ static int supervise(pid_t pid, int sfd)
 				warn("SECCOMP_IOCTL_NOTIF_RECV: %s", strerror(errno));
 		} else if (p[0].revents & (POLLHUP | POLLERR)) {
 			hup = 1;                /* no process uses the filter any more */
-			while (!child_reaped) {
-				int st;
-				pid_t w = waitpid(pid, &st, 0);
-
-				if (w == pid && (WIFEXITED(st) || WIFSIGNALED(st)))
-					note_exit(pid, st);
-				else if (w < 0 && errno != EINTR)
-					child_reaped = 1;
-			}
+			reap(1);
 		}
 	}
 	free(req);
-	if (pidfd >= 0)
-		close(pidfd);
 	if (WIFSIGNALED(child_status))
 		return 128 + WTERMSIG(child_status);
 	return WEXITSTATUS(child_status);
