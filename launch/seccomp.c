@@ -1462,11 +1462,13 @@ static int convert(const struct seccomp_notif *req, pid_t tgid, __u64 start, __u
 	}
 	res = 1;
 out_fd:
-	if (t) {
+	if (err == -ESRCH && t)
+		t->gone = 1;                /* the process died meanwhile */
+	if (t && !t->gone) {
 		a[0] = (__u64)tfd, a[1] = a[2] = a[3] = a[4] = a[5] = 0;
 		if (inject(t, &saved, insn, __NR_close, a, &ret) < 0 || ret < 0)
 			warn("pid %d: the injected close(%d) failed", tgid, tfd);
-	} else if (tfd >= 0) {
+	} else if (!t && tfd >= 0) {
 		warn("pid %d: fd %d (a memfd) stays open in it", tgid, tfd);
 	}
 	if (t && !t->gone) {
@@ -1488,6 +1490,8 @@ out:
 		      tgid, (unsigned long long)start, (unsigned long long)(start + size),
 		      (unsigned long long)copied,
 		      (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6);
+	} else if (err == -ESRCH || (t && t->gone)) {
+		debug("pid %d: exited while its guest memory was converted", tgid);
 	} else {
 		remember_failure(tgid, start, size);
 		warn("pid %d: guest memory 0x%llx-0x%llx stays private (%s: %s); the daemon cannot "
