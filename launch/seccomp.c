@@ -1167,41 +1167,60 @@ static int by_syscall_insn(const struct seccomp_notif *req)
 }
 
 /* Make the notifying thread's call inside it, ourselves: stopped, the same
- * syscall with the same arguments, its result returned as the call's.
+ * syscall with the same arguments, its result returned as the call's.  With a
+ * memfd (>= 0), an mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS) is made as
+ * MAP_SHARED of that memfd instead (fresh zeroed memory either way): guest RAM
+ * stays shareable when the VMM replaces it.
  * 1: done (*result); 0: not (cannot trace it), the call still waits for an
  * answer; -1: not, and the call is gone (the thread left it for a signal). */
-static int call_in_target(const struct seccomp_notif *req, pid_t tgid, long *result)
+static int call_in_target(const struct seccomp_notif *req, pid_t tgid, int memfd, long *result)
 {
 	struct world w = { .tgid = tgid };
 	struct user_regs_struct saved, r;
+	const __u64 insn = req->data.instruction_pointer - 2;
 	struct timespec deadline;
 	struct thread *t;
-	int res = -1;
+	__u64 a[6];
+	long ignored;
+	int res = -1, tfd = -1;
 
+	memcpy(a, req->data.args, sizeof(a));
 	if (!by_syscall_insn(req) || world_seize(&w, req->pid) <= 0) {
 		free(w.t);
 		return 0;
 	}
 	t = &w.t[0];
+	if (memfd >= 0 && (tfd = addfd(req->id, memfd, 1, 0)) >= 0) {
+		a[3] = (a[3] & ~(__u64)(MAP_TYPE | MAP_ANONYMOUS)) | MAP_SHARED;
+		a[4] = (__u64)tfd;
+		a[5] = 0;
+	}
 	deadline_in(&deadline, 2000);
 	if (interrupt_call(t, req, &deadline) < 0 || t->gone || !t->stopped ||
 	    ptrace(PTRACE_GETREGS, t->tid, 0, &saved) < 0 || !in_the_call(&saved, req)) {
+		if (tfd >= 0)
+			warn("pid %d: fd %d (a memfd) stays open in it", tgid, tfd);
 		detach_world(&w, 0);        /* untouched: its own restart, or its signal */
 		return -1;
 	}
-	if (inject(t, &saved, req->data.instruction_pointer - 2, (long)req->data.nr, req->data.args,
-		   result) == 0) {
+	if (inject(t, &saved, insn, (long)req->data.nr, a, result) == 0) {
 		r = saved;                  /* past the call, with its result */
 		r.rax = (__u64)*result;
 		r.orig_rax = -1;
-		res = ptrace(PTRACE_SETREGS, t->tid, 0, &r) == 0 ? 1 : -1;
-	} else if (!t->gone) {
+		res = 1;
+	} else {
 		r = saved;                  /* as the kernel's restart would: it calls again */
 		r.rax = saved.orig_rax;
-		r.rip = req->data.instruction_pointer - 2;
+		r.rip = insn;
 		r.orig_rax = -1;
-		ptrace(PTRACE_SETREGS, t->tid, 0, &r);
 	}
+	if (tfd >= 0 && !t->gone) {
+		__u64 c[6] = { (__u64)tfd, 0, 0, 0, 0, 0 };
+
+		inject(t, &saved, insn, __NR_close, c, &ignored);
+	}
+	if (!t->gone && ptrace(PTRACE_SETREGS, t->tid, 0, &r) < 0)
+		res = -1;
 	detach_world(&w, t->tid);
 	return res;
 }
@@ -1613,7 +1632,10 @@ static void handle_memslot(struct seccomp_notif *req)
  *   - UNMAP (munmap, mremap, mmap MAP_FIXED) and PROTECTION_VMA (mprotect): the
  *     daemon must not map the old pages again between its zap and the change, so
  *     it gets START, then we make the call inside the stopped thread
- *     (call_in_target), then END, and the thread gets the call's result;
+ *     (call_in_target), then END, and the thread gets the call's result.  An
+ *     mmap(MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS) there is made as a MAP_SHARED
+ *     mapping of a fresh memfd (zeroed memory either way), so that guest RAM
+ *     stays shareable;
  *   - CLEAR (madvise DONTNEED, DONTNEED_LOCKED, FREE, REMOVE): the memory is
  *     shared with the daemon, whose mapping sees what the VMM's sees after such a
  *     call, so START and END come before the CONTINUE.  On RAM we converted, the
@@ -1758,7 +1780,19 @@ static void handle_mm(struct seccomp_notif *req)
 		if (cause != KVMFS_CAUSE_MADV_REMOVE)
 			punch_converted(tgid, rg[0].start, rg[0].end);
 	} else {
-		done = call_in_target(req, tgid, &result);
+		int memfd = -1;
+
+		if (req->data.nr == __NR_mmap && convert_ram && (a[3] & MAP_TYPE) == MAP_PRIVATE &&
+		    (a[3] & MAP_ANONYMOUS) && !(a[3] & MAP_HUGETLB)) {
+			memfd = (int)syscall(SYS_memfd_create, RAM_MEMFD, 1U /* MFD_CLOEXEC */);
+			if (memfd >= 0 && ftruncate(memfd, (off_t)(rg[0].end - rg[0].start)) < 0) {
+				close(memfd);
+				memfd = -1;
+			}
+		}
+		done = call_in_target(req, tgid, memfd, &result);
+		if (memfd >= 0)
+			close(memfd);
 		if (done == 0 && !told_trace++)
 			warn("pid %d: cannot trace it: memory calls on guest RAM are reported before "
 			     "they happen, not around them", tgid);
