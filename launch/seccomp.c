@@ -1899,7 +1899,7 @@ static int recv_fd(int sock)
 }
 
 /* The child: filter, listener to the parent, exec.  Never returns. */
-static void child(int sock, char **argv, const sigset_t *oldmask)
+static void child(int sock, char **argv, const sigset_t *oldmask, pid_t parent)
 {
 	struct bpf b;
 	struct sock_fprog prog;
@@ -1907,7 +1907,7 @@ static void child(int sock, char **argv, const sigset_t *oldmask)
 
 	/* Without the supervisor every trapped call would fail with ENOSYS. */
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
-	if (getppid() == 1)
+	if (getppid() != parent)
 		_exit(EXIT_SETUP);
 	build_filter(&b);
 	prog.len = (unsigned short)b.n;
@@ -2055,10 +2055,10 @@ int main(int argc, char **argv)
 {
 	const char *mount = NULL;
 	struct stat st;
-	sigset_t set, old;
+	sigset_t relay, chld, blocked, old;
 	int i, sv[2], sfd;
 	size_t j;
-	pid_t pid;
+	pid_t pid, parent;
 
 	for (i = 1; i < argc; i++) {
 		if (strcmp(argv[i], "--") == 0) {
@@ -2112,13 +2112,17 @@ int main(int argc, char **argv)
 		warn("socketpair: %s", strerror(errno));
 		return EXIT_SETUP;
 	}
-	sigemptyset(&set);
+	/* Relayed signals and SIGCHLD (tracee stops, our child's end) are read from
+	 * signalfds; the child gets the old mask back before its exec. */
+	sigemptyset(&relay);
 	for (j = 0; j < sizeof(relayed) / sizeof(relayed[0]); j++)
-		sigaddset(&set, relayed[j]);
-	sigprocmask(SIG_BLOCK, &set, &old);
-	sigaddset(&set, SIGCHLD);            /* for chld_fd; the child gets its mask back */
-	sigprocmask(SIG_BLOCK, &set, NULL);
-	sigdelset(&set, SIGCHLD);
+		sigaddset(&relay, relayed[j]);
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	blocked = relay;
+	sigaddset(&blocked, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &blocked, &old);
+	parent = getpid();
 	pid = fork();
 	if (pid < 0) {
 		warn("fork: %s", strerror(errno));
@@ -2126,19 +2130,13 @@ int main(int argc, char **argv)
 	}
 	if (pid == 0) {
 		close(sv[0]);
-		child(sv[1], argv + i, &old);
+		child(sv[1], argv + i, &old, parent);
 	}
 	child_pid = pid;
 	close(sv[1]);
 	signal(SIGPIPE, SIG_IGN);            /* stderr gone: the supervisor keeps going */
-	sfd = signalfd(-1, &set, SFD_CLOEXEC);
-	{
-		sigset_t chld;
-
-		sigemptyset(&chld);
-		sigaddset(&chld, SIGCHLD);
-		chld_fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
-	}
+	sfd = signalfd(-1, &relay, SFD_CLOEXEC);
+	chld_fd = signalfd(-1, &chld, SFD_CLOEXEC | SFD_NONBLOCK);
 	listener = recv_fd(sv[0]);
 	close(sv[0]);
 	if (listener < 0) {
