@@ -1,6 +1,7 @@
 """`kvmfs run`: an unmodified KVM program on kvmfs.
 
-    kvmfs run [--mount DIR] [--mechanism auto|preload|seccomp] [--dev PATH]... [--] PROGRAM [ARGS...]
+    kvmfs run [--mount DIR] [--mechanism auto|preload|seccomp] [--dev PATH]... [--cpuid-vmx]
+              [--] PROGRAM [ARGS...]
 
 PROGRAM's use of /dev/kvm (and of each --dev PATH, for programs told a device
 path) goes to the kvmfs mount DIR, or to a private mount made for the run and
@@ -58,6 +59,19 @@ def pick_mechanism(program):
     return "seccomp" if dynamic is False else "preload"
 
 
+SYS_ARCH_PRCTL, ARCH_SET_CPUID = 158, 0x1012
+
+
+def cpuid_faulting():
+    """Whether this CPU can fault CPUID (tried on this thread, then turned back off)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_SET_CPUID, 0) != 0:
+        return False
+    libc.syscall(SYS_ARCH_PRCTL, ARCH_SET_CPUID, 1)
+    return True
+
+
 def _quiet(fn, *args):
     """Run a cli command with its stdout swallowed: stdout belongs to PROGRAM."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -97,9 +111,11 @@ def private_mount(log, debug):
             print(f"kvmfs run: the daemon's log is {log_path}", file=sys.stderr)
 
 
-def command_for(mechanism, mnt, devices, argv):
+def command_for(mechanism, mnt, devices, argv, cpuid_vmx=False):
     """(argv, env) that run argv through `mechanism` onto the mount mnt."""
     env = dict(os.environ)
+    if cpuid_vmx:
+        env["KVMFS_CPUID_VMX"] = "1"            # launch/cpuid.c, in the preload library
     if mechanism == "preload":
         env["LD_PRELOAD"] = PRELOAD + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
         env["KVMFS_MOUNT"] = mnt
@@ -112,8 +128,8 @@ def command_for(mechanism, mnt, devices, argv):
     return cmd + ["--"] + argv, env
 
 
-def run_program(mechanism, mnt, devices, argv):
-    cmd, env = command_for(mechanism, mnt, devices, argv)
+def run_program(mechanism, mnt, devices, argv, cpuid_vmx=False):
+    cmd, env = command_for(mechanism, mnt, devices, argv, cpuid_vmx)
     try:
         child = subprocess.Popen(cmd, env=env)
     except OSError as e:
@@ -146,14 +162,23 @@ def cmd_run(args):
     if not os.path.exists(launcher):
         print(f"kvmfs run: {launcher} is not built; run `make`", file=sys.stderr)
         return 1
+    if args.cpuid_vmx:
+        if mechanism != "preload":
+            print("kvmfs run: --cpuid-vmx works through the preload library only (a dynamically "
+                  "linked program, --mechanism preload)", file=sys.stderr)
+            return 1
+        if not cpuid_faulting():
+            print("kvmfs run: --cpuid-vmx needs CPUID faulting, which this CPU does not have "
+                  "(no cpuid_fault in /proc/cpuinfo)", file=sys.stderr)
+            return 1
     if args.mount:
         mnt = os.path.realpath(args.mount)
         if not os.path.exists(os.path.join(mnt, "kvm")):
             print(f"kvmfs run: {mnt} is not a kvmfs mount (no {mnt}/kvm)", file=sys.stderr)
             return 1
-        return run_program(mechanism, mnt, args.dev, argv)
+        return run_program(mechanism, mnt, args.dev, argv, args.cpuid_vmx)
     with private_mount(args.log, args.debug) as (mnt, status):
-        status["code"] = run_program(mechanism, mnt, args.dev, argv)
+        status["code"] = run_program(mechanism, mnt, args.dev, argv, args.cpuid_vmx)
         return status["code"]
 
 
@@ -166,6 +191,9 @@ def add_parser(sub):
     r.add_argument("--mechanism", choices=("auto", "preload", "seccomp"), default="auto")
     r.add_argument("--dev", action="append", default=[], metavar="PATH",
                    help="another device path the program opens as /dev/kvm")
+    r.add_argument("--cpuid-vmx", action="store_true",
+                   help="the program's CPUID reports VMX (a workaround for kvmtool's host check; "
+                   "needs CPUID faulting and the preload mechanism)")
     r.add_argument("--log", metavar="FILE", help="keep the private mount's daemon log here "
                    "(default: removed after a run that exits 0)")
     r.add_argument("--debug", action="store_true", help="the private mount logs every request")

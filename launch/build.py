@@ -1,10 +1,10 @@
 """Builds the launchers of `kvmfs run` into build/launch/:
 
-    preload.c  -> libkvmfs-preload.so   (LD_PRELOAD into dynamically linked programs)
+    preload.c, cpuid.c -> libkvmfs-preload.so   (LD_PRELOAD into dynamically linked programs)
     seccomp.c  -> kvmfs-seccomp         (the seccomp user-notification supervisor)
 
-Both include clients/kvmfs.h for kvmfs's own ioctls.  A source that does not exist
-yet is skipped; a compiler error fails the build.
+Both include clients/kvmfs.h for kvmfs's own ioctls.  A target whose sources do not
+all exist is skipped; a compiler error fails the build.
 """
 import os
 import subprocess
@@ -15,22 +15,22 @@ REPO = os.path.dirname(HERE)
 OUT = os.path.join(REPO, "build", "launch")
 CFLAGS = ["-O2", "-g", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE", "-I", os.path.join(REPO, "clients")]
 TARGETS = [
-    ("preload.c", "libkvmfs-preload.so", ["-shared", "-fPIC", "-pthread"], ["-ldl"]),
-    ("seccomp.c", "kvmfs-seccomp", ["-pthread"], []),
+    (["preload.c", "cpuid.c"], "libkvmfs-preload.so", ["-shared", "-fPIC", "-pthread"], ["-ldl"]),
+    (["seccomp.c"], "kvmfs-seccomp", ["-pthread"], []),
 ]
 
 
 def build(cc=os.environ.get("CC", "cc")):
     os.makedirs(OUT, exist_ok=True)
-    for src, out, flags, libs in TARGETS:
-        path = os.path.join(HERE, src)
-        if not os.path.exists(path):
+    for srcs, out, flags, libs in TARGETS:
+        paths = [os.path.join(HERE, src) for src in srcs]
+        if not all(os.path.exists(p) for p in paths):
             continue
         target = os.path.join(OUT, out)
-        if os.path.exists(target) and os.path.getmtime(target) >= max(
-                os.path.getmtime(path), os.path.getmtime(os.path.join(REPO, "clients", "kvmfs.h"))):
+        inputs = paths + [os.path.join(REPO, "clients", "kvmfs.h")]
+        if os.path.exists(target) and os.path.getmtime(target) >= max(map(os.path.getmtime, inputs)):
             continue
-        cmd = [cc] + CFLAGS + flags + ["-o", target + ".tmp", path] + libs
+        cmd = [cc] + CFLAGS + flags + ["-o", target + ".tmp"] + paths + libs
         r = subprocess.run(cmd)
         if r.returncode:
             sys.exit(f"launch/build.py: {' '.join(cmd)} failed")
