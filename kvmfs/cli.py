@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import threading
 
 from kvmfs import __version__
@@ -470,6 +471,9 @@ def _unmount(mnt, lazy):
     return False, said
 
 
+UNMOUNT_SETTLE = 5.0         # s to let the daemon finish releasing VMs whose files are closed
+
+
 def cmd_umount(args):
     mnt = os.path.realpath(args.dir)   # as /proc/self/mountinfo names it
     remove_leftovers()
@@ -489,10 +493,18 @@ def cmd_umount(args):
     ok, said = _unmount(mnt, args.lazy)
     if not ok and dead:                 # nothing can be served any more: detach it
         ok, said = _unmount(mnt, True)
+    held = {} if ok else holders(mnt)
+    daemon = daemon_of(mnt)
+    deadline = time.monotonic() + UNMOUNT_SETTLE
+    while not ok and daemon and set(held) <= {int(daemon["pid"])} and time.monotonic() < deadline:
+        # Only the daemon itself holds it: the kvm_run areas of VMs whose last file
+        # was just closed, until it has handled those (asynchronous) releases.
+        time.sleep(0.05)
+        ok, said = _unmount(mnt, args.lazy)
+        held = {} if ok else holders(mnt)
     if ok:
         remove_leftovers()
         return 0
-    held = holders(mnt)
     if held or "busy" in said.lower():
         shown = [f"pid {pid} ({comm}: {', '.join(what)})"
                  for pid, (comm, what) in sorted(held.items())[:HOLDERS_SHOWN]]
