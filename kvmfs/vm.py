@@ -12,8 +12,11 @@ processes.
 Lock order (the whole daemon; a lock is only taken after the ones above it):
     Vcpu.lock (KVM's vcpu->mutex)  ->  HostMemory.lock  ->  System.lock
     ->  Vm.lock  ->  the native mmu_lock (inside C)
-fs.py's handle-table lock and the server's pool lock are leaves: nothing is
-taken while they are held.  In KVM_RUN: Vcpu.lock -> HostMemory.lock ->
+fs.py's handle-table lock, the server's pool lock and launchers.py's
+Invalidations.lock are leaves: nothing is taken while they are held.  An MMU-
+notifier START takes the native mmu_lock alone (invalidate_begin), then
+HostMemory.lock -> mmu_lock (the zap).  Creating a vCPU maps its kvm_run area
+with no lock held: that takes FUSE requests of its own (runarea.py).  In KVM_RUN: Vcpu.lock -> HostMemory.lock ->
 mmu_lock.
 
 Lifetime (KVM: every file and every running call holds a reference; the VM's
