@@ -240,6 +240,26 @@ def caller_tgid(tid):
     return c.tgid
 
 
+def prune_callers():
+    """Drop the cached threads that have exited (one poll() over all their pidfds), so
+    the cache holds live callers only, not the last CALLERS_MAX ever seen."""
+    with _callers_lock:
+        entries = [(tid, c) for tid, c in _callers.items() if c.pidfd is not None]
+    if not entries:
+        return 0
+    p = select.poll()
+    by_fd = {}
+    for tid, c in entries:
+        by_fd[c.pidfd.fd] = (tid, c)
+        p.register(c.pidfd.fd, select.POLLIN)
+    gone = [by_fd[fd] for fd, _ in p.poll(0) if fd in by_fd]
+    with _callers_lock:
+        for tid, c in gone:
+            if _callers.get(tid) is c:
+                del _callers[tid]
+    return len(gone)
+
+
 def forget(tid):
     """Drop the cached answer for tid (its pidfd closes once no caller uses it)."""
     with _callers_lock:

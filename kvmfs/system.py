@@ -126,7 +126,8 @@ class System:
 
     def reap(self):
         """Free VMs nobody can reach any more: never opened and their creator exited;
-        say when a VMM truncated its kvm_run area (it was replaced by private pages)."""
+        say when a VMM truncated its kvm_run area (it was replaced by private pages);
+        forget caller threads that have exited."""
         replaced = native.runarea_replaced()
         if replaced != self.runareas_replaced:
             log.warning("%d kvm_run area(s) truncated by their VMM: replaced by private pages "
@@ -135,6 +136,7 @@ class System:
         for _, vm in self.live_vms():
             if vm.unreachable():
                 self.destroy_vm(vm, f"creator pid {vm.owner_pid} exited without opening it")
+        procmem.prune_callers()
 
     def destroy_all(self):
         for _, vm in self.live_vms():

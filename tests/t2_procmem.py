@@ -16,10 +16,12 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
@@ -482,3 +484,23 @@ def test_the_caller_cache_is_bounded(monkeypatch):
 
 if __name__ == "__main__":
     print(json.dumps(globals()[sys.argv[1]]()))
+
+
+def test_exited_callers_leave_the_cache():
+    """The caller cache holds live threads only once pruned (the reaper prunes it every
+    second), not the last CALLERS_MAX threads ever seen."""
+    pids = []
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(10)
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        assert procmem.caller_tgid(pid) == pid
+    assert all(pid in procmem._callers for pid in pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert procmem.prune_callers() >= len(pids)
+    assert not any(pid in procmem._callers for pid in pids)
