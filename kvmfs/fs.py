@@ -235,6 +235,20 @@ class KvmFs:
             st["st_size"] = abi.VCPU_MMAP_SIZE      # mmap beyond it: SIGBUS, as KVM
         return st
 
+    def _check_vcpu_opener(self, node, path):
+        """A vCPU file maps the vCPU's kvm_run area: only its VM's owner opens it (KVM
+        hands the fd to the creator alone), or a process that may act for the owner
+        (launchers.py: root, a same-user ancestor, such as kvmfs run's supervisor)."""
+        ctx = caller()
+        vm = node.vm
+        if vm.shell_owned:
+            ok = ctx.uid in (vm.owner_uid, 0)
+        else:
+            ok = vm.owner.owns(ctx.pid) or launchers.may_act_for(ctx, vm.owner.tgid)
+        if not ok:
+            raise KvmError(errno.EACCES, "open", f"{path}: vm{vm.id} belongs to pid "
+                           f"{vm.owner_pid}, not to the process of thread {ctx.pid}")
+
     def _check_owner(self, node, op):
         node.vm.check_owner(caller(), op)
 
@@ -265,6 +279,8 @@ class KvmFs:
             return self._new_handle(Handle(node, None, internal=True))
         if node.kind == VCPU and node.vcpu is None:
             raise KvmError(errno.ENOENT, "open", path, warn=False)
+        if node.kind == VCPU:
+            self._check_vcpu_opener(node, path)
         obj = {SYSTEM: self.system, SYSCMD: self.system, VMCTL: node.vm, VMCMD: node.vm,
                VCPU: node.vcpu, VCPUCMD: node.vcpu}.get(node.kind)
         h = Handle(node, obj)

@@ -57,13 +57,31 @@ def act_for(ctx, data):
         gids = {int(x) for x in st["Gid"]}
     except (OSError, KeyError, ValueError):
         raise KvmError(errno.ESRCH, op, f"thread {tid} is gone") from None
-    if ctx.uid != 0:
-        check(uids == {ctx.uid}, errno.EPERM, op,
-              f"thread {tid} does not run as uid {ctx.uid} alone")
-        check(_is_ancestor(ctx.tgid, tgid), errno.EPERM, op,
-              f"pid {ctx.tgid} is not an ancestor of pid {tgid}")
+    why = _why_not(ctx, tgid, uids)
+    if why:
+        raise KvmError(errno.EPERM, op, why)
     log.debug("pid %d acts for thread %d (pid %d)", ctx.tgid, tid, tgid)
     return Caller(tid, min(uids), min(gids), tgid=tgid, interrupted=ctx.interrupted)
+
+
+def _why_not(ctx, tgid, uids):
+    """Why ctx may not act for process tgid (whose uids are `uids`), or None."""
+    if ctx.uid == 0:
+        return None
+    if uids != {ctx.uid}:
+        return f"pid {tgid} does not run as uid {ctx.uid} alone"
+    if not _is_ancestor(ctx.tgid, tgid):
+        return f"pid {ctx.tgid} is not an ancestor of pid {tgid}"
+    return None
+
+
+def may_act_for(ctx, tgid):
+    """Whether ctx could act for process tgid (KVMFS_ACT_FOR's rule)."""
+    try:
+        uids = {int(x) for x in _status(tgid)["Uid"]}
+    except (OSError, KeyError, ValueError):
+        return False
+    return _why_not(ctx, tgid, uids) is None
 
 
 def _is_ancestor(anc, pid):

@@ -161,10 +161,11 @@ def unmount(path, proc=None):
                 proc.wait()
 
 
-def start_mount(mnt, log):
-    """Start the daemon on `mnt`; return a Mount once `mnt/kvm` exists, else fail the test."""
+def start_mount(mnt, log, *flags):
+    """Start the daemon on `mnt` (with `kvmfs mount` flags); return a Mount once `mnt/kvm`
+    exists, else fail the test."""
     cmd = [sys.executable, "-X", "faulthandler",          # a crash leaves its stacks in LOG.out
-           "-m", "kvmfs", "mount", "--foreground", "--log", str(log), str(mnt)]
+           "-m", "kvmfs", "mount", "--foreground", "--log", str(log), *flags, str(mnt)]
     out = open(str(log) + ".out", "wb")
     proc = subprocess.Popen(cmd, env=daemon_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     out.close()

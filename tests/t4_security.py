@@ -187,6 +187,66 @@ def world_mount(mounted):
         shutil.rmtree(top, ignore_errors=True)
 
 
+SIBLING_PROBE = """
+import errno, fcntl, os, sys
+mnt = sys.argv[1]
+r, w = os.pipe()
+r2, w2 = os.pipe()
+creator = os.fork()
+if creator == 0:
+    fd = os.open(mnt + "/kvm", os.O_RDWR)
+    n = fcntl.ioctl(fd, 0xAE01, 0)                       # KVM_CREATE_VM
+    ctl = os.open(f"{mnt}/vm{n}/ctl", os.O_RDWR)
+    fcntl.ioctl(ctl, 0xAE41, 0)                          # KVM_CREATE_VCPU
+    os.write(w, str(n).encode())
+    os.read(r2, 1)
+    os._exit(0)
+n = int(os.read(r, 16))
+
+
+def probe():
+    try:
+        os.close(os.open(f"{mnt}/vm{n}/vcpu0", os.O_RDWR))
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+sibling = os.fork()
+if sibling == 0:
+    print("sibling", probe(), flush=True)
+    os._exit(0)
+os.waitpid(sibling, 0)
+print("ancestor", probe(), flush=True)
+os.write(w2, b"x")
+os.waitpid(creator, 0)
+"""
+
+
+def test_a_vcpu_file_opens_for_its_owner_and_those_who_may_act_for_it(mounted):
+    """The vCPU file maps its kvm_run area: a process of the same user that is neither
+    the VM's owner nor an ancestor of it (which could ptrace it anyway) cannot open it."""
+    top = tempfile.mkdtemp(prefix="kvmfs-world.", dir="/tmp")
+    os.chmod(top, 0o755)
+    mnt = os.path.join(top, "mnt")
+    os.mkdir(mnt)
+    m = conftest.start_mount(mnt, os.path.join(top, "daemon.log"), "--mode", "0666")
+    try:
+        python = shutil.which("python3", path="/usr/bin:/bin")    # one uid 65534 may run
+        if python is None:
+            pytest.skip("no system python3 for a process of another user")
+        run = subprocess.run([python, "-c", SIBLING_PROBE, mnt], capture_output=True, text=True,
+                             cwd="/", preexec_fn=lambda: os.setresuid(65534, 65534, 65534),
+                             timeout=60)
+        assert run.returncode == 0, run.stderr
+        out = run.stdout.strip()
+        assert out.splitlines() == ["sibling EACCES", "ancestor ok"], out
+        assert "belongs to pid" in open(os.path.join(top, "daemon.log")).read()
+    finally:
+        conftest.unmount(m, m.proc)
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def test_other_users_reach_nothing_by_default(world_mount):
     """/dev/kvm's model: the mount's owner only (uid 65534 read root's VMs and made its own)."""
     kvm = Kvm(world_mount)
