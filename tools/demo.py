@@ -89,6 +89,20 @@ def run_guest(mnt, kvm):
     vm.close()
 
 
+def run_unmodified(mnt):
+    """`kvmfs run`: a VMM written against <linux/kvm.h> alone, unmodified, on this mount."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "programs"))
+    import build as programs
+    prog = programs.build("io_hlt", static=False, quiet=True)
+    rel = os.path.relpath(prog, REPO)
+    step(f"kvmfs run --mount {mnt} -- {rel}   (a VMM on <linux/kvm.h> only: "
+         "tests/programs/io_hlt.c)")
+    out = subprocess.run([sys.executable, "-m", "kvmfs", "run", "--mount", mnt, "--", prog],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    for line in (out.stdout + out.stderr).splitlines():
+        print("   " + line)
+
+
 def main():
     mnt = tempfile.mkdtemp(prefix="kvmfs-demo.")
     log = mnt + ".log"
@@ -131,6 +145,7 @@ def main():
         run_guest(mnt, kvm)
         vm.close()
         kvm.close()
+        run_unmodified(mnt)
     finally:
         step(f"kvmfs umount {mnt}")
         subprocess.run([sys.executable, "-m", "kvmfs", "umount", mnt], cwd=REPO)
