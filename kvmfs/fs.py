@@ -112,6 +112,13 @@ class Handle:
         self.invalidations = None    # KVMFS_MMU_NOTIFY STARTs not ended yet
 
 
+def _check_truncatable(node, op, what):
+    """Only text-command files and guest memory take a (meaningless) truncation; the
+    rest answer EINVAL, as KVM's anon inodes do (a vCPU file's size is its mapping)."""
+    if node.kind not in CMD_KINDS + (MEM,):
+        raise KvmError(errno.EINVAL, op, what, warn=False)
+
+
 def _parse_id(name, prefix):
     rest = name[len(prefix):]
     if name.startswith(prefix) and rest.isdigit() and (rest == "0" or rest[0] != "0"):
@@ -235,11 +242,10 @@ class KvmFs:
             st["st_size"] = abi.VCPU_MMAP_SIZE      # mmap beyond it: SIGBUS, as KVM
         return st
 
-    def _check_vcpu_opener(self, node, path):
+    def _check_vcpu_opener(self, ctx, node, path):
         """A vCPU file maps the vCPU's kvm_run area: only its VM's owner opens it (KVM
         hands the fd to the creator alone), or a process that may act for the owner
         (launchers.py: root, a same-user ancestor, such as kvmfs run's supervisor)."""
-        ctx = caller()
         vm = node.vm
         if vm.shell_owned:
             ok = ctx.uid in (vm.owner_uid, 0)
@@ -275,12 +281,13 @@ class KvmFs:
                 self._check_owner(node, "open")
             except KvmError as e:
                 raise KvmError(errno.EACCES, "open", f"{path}: {e.detail}")
-        if node.kind == VCPU and caller().pid in self.system.internal_tids:
-            return self._new_handle(Handle(node, None, internal=True))
-        if node.kind == VCPU and node.vcpu is None:
-            raise KvmError(errno.ENOENT, "open", path, warn=False)
         if node.kind == VCPU:
-            self._check_vcpu_opener(node, path)
+            ctx = caller()
+            if ctx.pid in self.system.internal_tids:
+                return self._new_handle(Handle(node, None, internal=True))
+            if node.vcpu is None:
+                raise KvmError(errno.ENOENT, "open", path, warn=False)
+            self._check_vcpu_opener(ctx, node, path)
         obj = {SYSTEM: self.system, SYSCMD: self.system, VMCTL: node.vm, VMCMD: node.vm,
                VCPU: node.vcpu, VCPUCMD: node.vcpu}.get(node.kind)
         h = Handle(node, obj)
@@ -372,13 +379,10 @@ class KvmFs:
         node = self.resolve(path)
         if node is None:
             raise KvmError(errno.ENOENT, "truncate", path, warn=False)
-        if node.kind not in CMD_KINDS + (MEM,):
-            raise KvmError(errno.EINVAL, "truncate", path, warn=False)
+        _check_truncatable(node, "truncate", path)
 
     def ftruncate(self, fh):
-        h = self.handles[fh]
-        if h.node.kind not in CMD_KINDS + (MEM,):
-            raise KvmError(errno.EINVAL, "ftruncate", "not a file that can be truncated", warn=False)
+        _check_truncatable(self.handles[fh].node, "ftruncate", "not a file that can be truncated")
 
     def is_page_cached(self, fh):
         """vCPU files keep their page cache (it is the kvm_run area): every open of one

@@ -24,20 +24,22 @@ from kvmfs import _native as native, abi
 
 
 class RunArea:
-    def __init__(self, cdata, buffer, link, unmap, path=None):
-        self.cdata = cdata          # char * to the area (VCPU_MMAP_SIZE bytes)
-        self.buffer = buffer        # the same bytes, sliceable
-        self.link = link            # what MNT/vmN/vcpuK.run points to
-        self.path = path            # the tmpfs file, if that is the backing
-        self._unmap = unmap
+    """cdata (char * to the VCPU_MMAP_SIZE bytes), buffer (the same, sliceable), link
+    (what MNT/vmN/vcpuK.run points to), path (the tmpfs file, None for a mount file)."""
+
+    def __init__(self, cdata, buffer, link, path=None, tmpfs_map=None):
+        self.cdata = cdata
+        self.buffer = buffer
+        self.link = link
+        self.path = path
+        self._tmpfs_map = tmpfs_map     # the mmap object whose buffer cdata pins
         native.runarea_add(cdata, abi.VCPU_MMAP_SIZE)
 
     @classmethod
     def of_mount(cls, vcpu_file):
         """The page cache of vcpu_file (MNT/vmN/vcpuK), mapped by the daemon itself."""
         cdata, buffer = native.runarea_map(vcpu_file, abi.VCPU_MMAP_SIZE)
-        return cls(cdata, buffer, os.path.basename(vcpu_file),
-                   lambda: native.runarea_unmap(cdata, abi.VCPU_MMAP_SIZE))
+        return cls(cdata, buffer, os.path.basename(vcpu_file))
 
     @classmethod
     def tmpfs(cls, run_dir, name, owner_uid=None):
@@ -52,20 +54,17 @@ class RunArea:
             area = mmap.mmap(fd, abi.VCPU_MMAP_SIZE, mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        # Lifetime: cdata pins area's buffer until close().
-        cdata = native.from_buffer(area)
-
-        def unmap():
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-            nonlocal cdata
-            del cdata
-            area.close()
-        return cls(cdata, area, path, unmap, path)
+        return cls(native.from_buffer(area), area, path, path, area)
 
     def close(self):
         native.runarea_remove(self.cdata)
-        self.cdata = self.buffer = None
-        self._unmap()
+        cdata, self.cdata, self.buffer = self.cdata, None, None
+        if self._tmpfs_map is None:
+            native.runarea_unmap(cdata, abi.VCPU_MMAP_SIZE)
+            return
+        del cdata                       # the last export of the mmap's buffer
+        self._tmpfs_map.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass

@@ -16,8 +16,8 @@ fs.py's handle-table lock, the server's pool lock and launchers.py's
 Invalidations.lock are leaves: nothing is taken while they are held.  An MMU-
 notifier START takes the native mmu_lock alone (invalidate_begin), then
 HostMemory.lock -> mmu_lock (the zap).  Creating a vCPU maps its kvm_run area
-with no lock held: that takes FUSE requests of its own (runarea.py).  In KVM_RUN: Vcpu.lock -> HostMemory.lock ->
-mmu_lock.
+with no lock held: that takes FUSE requests of its own (runarea.py).
+In KVM_RUN: Vcpu.lock -> HostMemory.lock -> mmu_lock.
 
 Lifetime (KVM: every file and every running call holds a reference; the VM's
 memory goes with the last one):
