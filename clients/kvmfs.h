@@ -297,6 +297,26 @@ struct kvmfs_mmu_notify {
 #define KVMFS_CAUSE_MADV_FREE 7
 #define KVMFS_CAUSE_PUNCH_HOLE 8
 
+#ifndef MADV_DONTNEED_LOCKED
+#define MADV_DONTNEED_LOCKED 24      /* Linux 5.18 */
+#endif
+
+/* The KVMFS_CAUSE_* of a madvise() of guest RAM, or 0 for an advice that changes
+ * no mapping (no MMU-notifier call). */
+static inline unsigned kvmfs_madvise_cause(int advice)
+{
+	switch (advice) {
+	case MADV_DONTNEED:
+	case MADV_DONTNEED_LOCKED:
+		return KVMFS_CAUSE_MADV_DONTNEED;
+	case MADV_FREE:
+		return KVMFS_CAUSE_MADV_FREE;
+	case MADV_REMOVE:
+		return KVMFS_CAUSE_MADV_REMOVE;
+	}
+	return 0;
+}
+
 /* The kvm_run area of a vCPU, `size` = KVM_GET_VCPU_MMAP_SIZE; NULL on failure.
  * mmap of the vCPU fd, on kvmfs as on KVM (the PIO page and the coalesced-MMIO
  * ring follow at their page offsets). */

@@ -114,9 +114,6 @@
 
 #include "kvmfs.h"
 
-#ifndef MADV_DONTNEED_LOCKED
-#define MADV_DONTNEED_LOCKED 24
-#endif
 #ifndef MAP_FIXED_NOREPLACE
 #define MAP_FIXED_NOREPLACE 0x100000
 #endif
@@ -1425,20 +1422,9 @@ EXPORT int madvise(void *addr, size_t len, int advice)
 	int nfd = -1, saved, e, n = 0;
 	long r;
 
-	switch (advice) {
-	case MADV_DONTNEED:
-	case MADV_DONTNEED_LOCKED:
-		cause = KVMFS_CAUSE_MADV_DONTNEED;
-		break;
-	case MADV_FREE:
-		cause = KVMFS_CAUSE_MADV_FREE;
-		break;
-	case MADV_REMOVE:
-		cause = KVMFS_CAUSE_MADV_REMOVE;
-		break;
-	default:
+	cause = kvmfs_madvise_cause(advice);
+	if (!cause)
 		return (int)syscall(SYS_madvise, addr, len, advice);
-	}
 	if (!active() || ((uintptr_t)addr & (g_page - 1)) || !page_range((uintptr_t)addr, len, &lo, &hi) ||
 	    !near(lo, hi))
 		return (int)syscall(SYS_madvise, addr, len, advice);

@@ -1656,9 +1656,6 @@ static void handle_memslot(struct seccomp_notif *req)
  * A thread that cannot be traced gets START and END before a CONTINUE: the
  * daemon could then map the old pages again before the change (one warning).
  */
-#ifndef MADV_DONTNEED_LOCKED
-#define MADV_DONTNEED_LOCKED 24
-#endif
 
 static int mmu_notify_range(int sys, __u32 phase, __u16 event, __u16 cause, __u64 start, __u64 end)
 {
@@ -1743,20 +1740,7 @@ static void handle_mm(struct seccomp_notif *req)
 	default:                                /* madvise */
 		event = KVMFS_MMU_EVENT_CLEAR;
 		clear = 1;
-		switch ((int)a[2]) {
-		case MADV_DONTNEED:
-		case MADV_DONTNEED_LOCKED:
-			cause = KVMFS_CAUSE_MADV_DONTNEED;
-			break;
-		case MADV_FREE:
-			cause = KVMFS_CAUSE_MADV_FREE;
-			break;
-		case MADV_REMOVE:
-			cause = KVMFS_CAUSE_MADV_REMOVE;
-			break;
-		default:
-			cause = 0;
-		}
+		cause = kvmfs_madvise_cause((int)a[2]);
 		if (cause)
 			RANGE(a[0], a[1]);
 	}
